@@ -1,0 +1,1500 @@
+"""instaqueue: the background-job engine of an Instagram automation product.
+
+It polls an Instagram business account's DMs and answers them by the account's rules, on Celery
+with Redis as broker and result backend and PostgreSQL (or SQLite) as the store.
+
+Run it::
+
+    python -m instaqueue run                 # worker with embedded beat, on embedded defaults
+    python -m instaqueue initdb              # create the tables
+    python -m instaqueue accounts add --ig-user-id 1784... --username shop --access-token ...
+    python -m instaqueue rules add --account 1 --match "price, cost" --reply "From 20 EUR."
+    python -m instaqueue worker              # queues high,default,low; extra arguments go to celery
+    python -m instaqueue beat                # the one scheduler
+    python -m instaqueue flower              # monitoring UI on port 5555
+    celery -A instaqueue worker -Q high,default,low     # works too
+
+Environment (prefix ``INSTAQUEUE_``, also read from ``.env``):
+
+- ``INSTAQUEUE_REDIS_URL``: broker, result backend and locks. Unset, instaqueue runs on embedded
+  defaults: kombu's ``filesystem://`` broker and a SQLite result store under the data dir.
+- ``INSTAQUEUE_DATABASE_URL``: ``postgresql+psycopg://...`` in production; default a SQLite file
+  in ``INSTAQUEUE_DATA_DIR`` (default ``./.instaqueue``).
+- ``INSTAQUEUE_GRAPH_API_URL``: the Graph host with a pinned API version.
+- Intervals and the retry policy: see :class:`Settings`.
+
+Sections, in dependency order (grep ``^# .* ###``): Settings, Errors, Tables, Database helpers,
+Locks, Graph API client, Pure logic, Celery app, Tasks, Beat schedule, CLI.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__":
+    # ``python -m instaqueue`` runs this file as ``__main__``. Anything importing ``instaqueue``
+    # (Celery's worker does) would then execute it a second time and make a second app with the
+    # same task names. Run the CLI from the real module instead, and stop here.
+    import instaqueue
+
+    sys.exit(instaqueue.main())
+
+import argparse
+import contextlib
+import enum
+import fcntl
+import json
+import logging
+import math
+import os
+import random
+import re
+import secrets
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import httpx
+import sqlalchemy as sa
+from celery import Celery, signals
+from kombu import Queue
+from pydantic import ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlmodel import Field, Session, SQLModel, select
+
+log = logging.getLogger("instaqueue")
+
+
+# Settings ####################################################################################
+
+#: Graph API version pinned in the default base URL; Meta changes payloads between versions.
+GRAPH_API_VERSION = "v23.0"
+
+
+class ConfigError(Exception):
+    """Bad configuration, said in one line that names the variable."""
+
+
+class Settings(BaseSettings):
+    """Every knob, read from ``INSTAQUEUE_*`` variables and ``.env``; seconds unless named."""
+
+    model_config = SettingsConfigDict(env_prefix="INSTAQUEUE_", env_file=".env", extra="ignore")
+
+    #: Broker, result backend and locks; unset means the embedded filesystem broker.
+    redis_url: str | None = None
+    #: Where the embedded broker, result store and default database live.
+    data_dir: Path = Path(".instaqueue")
+    #: SQLAlchemy URL of the store; default ``sqlite:///<data_dir>/instaqueue.db``.
+    database_url: str | None = None
+    graph_api_url: str = f"https://graph.instagram.com/{GRAPH_API_VERSION}"
+    #: Read timeout of one Graph call; the connect timeout is the smaller of this and 5 s.
+    graph_timeout: float = 10.0
+
+    dm_poll_interval: float = 0.5
+    comment_poll_interval: float = 300.0
+    comment_poll_max_interval: float = 1800.0
+    scheduled_check_interval: float = 60.0
+    #: Daily analytics run at this local time (``HH:MM``) in ``timezone``.
+    analytics_at: str = "00:00"
+    timezone: str = "UTC"
+
+    #: Shared retry policy: ``retry_base * 2**n`` seconds, capped, each ``±retry_jitter``.
+    retry_base: float = 60.0
+    retry_cap: float = 600.0
+    retry_jitter: float = 0.2
+    max_retries: int = 3
+    #: How long a rate limit backs an account off when Meta does not say.
+    rate_limit_backoff: float = 300.0
+    #: Usage (percent of a Graph allowance) from which an account's polling slows down.
+    usage_slowdown_percent: float = 75.0
+
+    worker_concurrency: int = 4
+    #: Redis redelivers a message not acked within this time; every ETA must stay far below it.
+    visibility_timeout: float = 3600.0
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("the URL has no host")
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError("the URL's port is not a number from 0 to 65535") from None
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError("not a database URL (e.g. postgresql+psycopg://user@host/db)") from None
+        if url.get_backend_name() not in ("postgresql", "sqlite"):
+            raise ValueError("only postgresql+psycopg:// and sqlite:// are supported")
+        return value
+
+    @field_validator("graph_api_url")
+    @classmethod
+    def _check_graph_api_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http(s) URL such as https://graph.instagram.com/v23.0")
+        return value.rstrip("/")
+
+    @field_validator(
+        "graph_timeout", "dm_poll_interval", "comment_poll_interval", "comment_poll_max_interval",
+        "scheduled_check_interval", "retry_base", "retry_cap", "rate_limit_backoff",
+        "visibility_timeout",
+    )
+    @classmethod
+    def _check_positive(cls, value: float) -> float:
+        if not value > 0 or math.isinf(value):
+            raise ValueError("must be a positive number of seconds")
+        return value
+
+    @field_validator("retry_jitter")
+    @classmethod
+    def _check_jitter(cls, value: float) -> float:
+        if not 0 <= value < 1:
+            raise ValueError("must be a fraction from 0 to below 1, e.g. 0.2 for ±20 %")
+        return value
+
+    @field_validator("max_retries")
+    @classmethod
+    def _check_retries(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 or more")
+        return value
+
+    @field_validator("worker_concurrency")
+    @classmethod
+    def _check_concurrency(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be 1 or more")
+        return value
+
+    @field_validator("usage_slowdown_percent")
+    @classmethod
+    def _check_percent(cls, value: float) -> float:
+        if not 0 < value < 100:
+            raise ValueError("must be a percentage between 0 and 100")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("unknown time zone (use an IANA name such as Europe/Berlin)") from None
+        return value
+
+    @field_validator("analytics_at")
+    @classmethod
+    def _check_time_of_day(cls, value: str) -> str:
+        match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", value.strip())
+        if not match:
+            raise ValueError("expected a time of day as HH:MM, e.g. 00:00")
+        return f"{int(match[1]):02d}:{match[2]}"
+
+    @model_validator(mode="after")
+    def _check_policy(self) -> Settings:
+        if self.comment_poll_max_interval < self.comment_poll_interval:
+            raise ValueError(
+                "INSTAQUEUE_COMMENT_POLL_MAX_INTERVAL: must not be below INSTAQUEUE_COMMENT_POLL_INTERVAL")
+        longest_wait = self.retry_cap * (1 + self.retry_jitter) + self.message_lease
+        if self.redis_url and self.visibility_timeout <= longest_wait:
+            raise ValueError(
+                f"INSTAQUEUE_VISIBILITY_TIMEOUT: must exceed the longest retry delay plus a claim "
+                f"lease ({longest_wait:g} s), or Redis delivers delayed tasks twice")
+        return self
+
+    @property
+    def message_lease(self) -> float:
+        """How long a claimed DM is held before another delivery may take it over: a claim
+        covers at most two Graph calls (look, then send), each bounded by the timeout."""
+        return 3 * self.graph_timeout + 5
+
+    @property
+    def stale_after(self) -> float:
+        """How long past its expected time a DM waits before the poll sends its task again:
+        after Redis would have redelivered it (the embedded broker never redelivers)."""
+        return (self.visibility_timeout if self.redis_url else 60.0) + self.message_lease
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'instaqueue.db'}"
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, or :class:`ConfigError` with one line per problem."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors(include_input=False, include_url=False):
+            name = "INSTAQUEUE_" + "_".join(str(p) for p in error["loc"]).upper()
+            message = str(error["msg"]).removeprefix("Value error, ")
+            lines.append(message if not error["loc"] else f"{name}: {message}")
+        raise ConfigError("; ".join(lines)) from None
+
+
+try:
+    #: The process's settings, read once at import so that a bad value stops start-up at once.
+    settings = load_settings()
+except ConfigError as _exc:
+    raise SystemExit(f"instaqueue: bad configuration: {_exc}") from None
+
+
+# Errors ######################################################################################
+
+class GraphAPIError(Exception):
+    """An error answered by (or on the way to) the Graph API; ``retryable`` says whether
+    trying again later can help. The message never carries an access token."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, code: int | None = None, subcode: int | None = None,
+                 status: int | None = None, fbtrace_id: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.subcode = subcode
+        self.status = status
+        self.fbtrace_id = fbtrace_id
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        detail = ", ".join(
+            f"{k} {v}" for k, v in (("HTTP", self.status), ("code", self.code), ("subcode", self.subcode))
+            if v is not None)
+        return f"{self.message} ({detail})" if detail else self.message
+
+
+class TransientError(GraphAPIError):
+    """5xx, timeouts, ``is_transient``, codes 1 and 2: retry on the schedule."""
+
+    retryable = True
+
+
+class RateLimited(GraphAPIError):
+    """An app, account or business-use-case limit; ``retry_after`` seconds when Meta says."""
+
+    retryable = True
+
+
+class TokenInvalid(GraphAPIError):
+    """Code 190: the account needs re-authorisation; never retried."""
+
+
+class PermissionDenied(GraphAPIError):
+    """Codes 10 and 200-299: a permission is missing or the action is not allowed."""
+
+
+class BadRequest(GraphAPIError):
+    """Code 100 and everything else Meta refuses: retrying the same call cannot help."""
+
+
+class AccountUnavailable(Exception):
+    """The account is parked (needs re-auth or disabled); no Graph call is made for it."""
+
+
+class MalformedPayload(ValueError):
+    """A Graph payload without the fields or types we rely on."""
+
+
+# Tables ######################################################################################
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """Timezone-aware timestamps on every backend: stored in UTC, returned aware (SQLite keeps
+    no offset, so a naive value read back is UTC by construction)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: instaqueue stores timezone-aware timestamps only")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
+def _timestamp(**kwargs: Any) -> Any:
+    return Field(sa_type=UTCDateTime, **kwargs)
+
+
+class AccountState(enum.StrEnum):
+    active = "active"
+    needs_reauth = "needs_reauth"
+    disabled = "disabled"
+
+
+class MessageStatus(enum.StrEnum):
+    """received → (needs_human | sending → replied | failed). ``sending`` means the reply was
+    chosen and a Send API call may have happened: whoever claims it next looks before sending."""
+
+    received = "received"
+    sending = "sending"
+    replied = "replied"
+    needs_human = "needs_human"
+    failed = "failed"
+
+
+#: Message states that no task changes any more.
+FINAL_MESSAGE_STATES = (MessageStatus.replied, MessageStatus.needs_human, MessageStatus.failed)
+
+
+class Account(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    ig_user_id: str = Field(sa_type=sa.String(64), unique=True, index=True)
+    username: str = Field(sa_type=sa.String(64))
+    access_token: str = Field(sa_type=sa.Text, repr=False)
+    state: AccountState = Field(default=AccountState.active, sa_type=sa.String(20))
+    state_reason: str | None = None
+    #: Newest conversation ``updated_time`` fully read by the DM poll.
+    dm_cursor: datetime | None = _timestamp(default=None)
+    #: No Graph call for this account before this time (rate limits).
+    backoff_until: datetime | None = _timestamp(default=None)
+    #: Next DM poll when usage headers asked us to slow down; None polls on every tick.
+    dm_next_poll_at: datetime | None = _timestamp(default=None)
+    created_at: datetime = _timestamp(default_factory=utcnow)
+
+
+class ReplyRule(SQLModel, table=True):
+    __tablename__ = "reply_rule"
+
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: int = Field(foreign_key="account.id", index=True, ondelete="CASCADE")
+    #: Comma-separated words or phrases; any one, as whole words, case-insensitive, matches.
+    match: str
+    reply: str
+    enabled: bool = True
+    created_at: datetime = _timestamp(default_factory=utcnow)
+
+
+class InboundMessage(SQLModel, table=True):
+    __tablename__ = "inbound_message"
+    __table_args__ = (sa.Index("ix_inbound_message_account_status", "account_id", "status"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: int = Field(foreign_key="account.id", ondelete="CASCADE")
+    graph_message_id: str = Field(sa_type=sa.String(255), unique=True)
+    conversation_id: str = Field(sa_type=sa.String(255))
+    sender_id: str = Field(sa_type=sa.String(64))
+    sender_username: str | None = None
+    text: str = ""
+    created_time: datetime = _timestamp()
+    received_at: datetime = _timestamp(default_factory=utcnow)
+    status: MessageStatus = Field(default=MessageStatus.received, sa_type=sa.String(20))
+    reply_text: str | None = None
+    reply_rule_id: int | None = None
+    reply_graph_message_id: str | None = None
+    replied_at: datetime | None = _timestamp(default=None)
+    #: Transient failures so far; the retry schedule is computed from it.
+    attempts: int = 0
+    last_error: str | None = None
+    #: A claim in ``sending`` is held until then; a later delivery may take it over after.
+    claimed_until: datetime | None = _timestamp(default=None)
+    #: Random token of the current claim, so a late worker cannot overwrite a newer one.
+    claim_token: str | None = Field(default=None, sa_type=sa.String(32))
+    #: When this message is next expected to be worked on; long past it, the poll re-sends it.
+    next_attempt_at: datetime = _timestamp(default_factory=utcnow)
+
+
+# Database helpers ############################################################################
+
+_engine: sa.Engine | None = None
+
+
+def get_engine() -> sa.Engine:
+    """The process's engine, made on first use (and again in each forked pool child)."""
+    global _engine
+    if _engine is None:
+        url = make_url(settings.effective_database_url)
+        if url.get_backend_name() == "sqlite":
+            if url.database:
+                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            _engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            sa.event.listen(_engine, "connect", _sqlite_pragmas)
+        else:
+            _engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return _engine
+
+
+def session() -> Session:
+    return Session(get_engine(), expire_on_commit=False)
+
+
+def create_tables() -> None:
+    SQLModel.metadata.create_all(get_engine())
+
+
+def insert_once(db: Session, model: type[SQLModel], values: dict[str, Any]) -> int | None:
+    """Insert a row unless a unique key already has it; the new id, or None for a repeat."""
+    table = model.__table__
+    if db.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    statement = insert(table).values(**values).on_conflict_do_nothing().returning(table.c.id)
+    return db.execute(statement).scalar_one_or_none()
+
+
+def update_where(db: Session, model: type[SQLModel], where: Sequence[Any], **values: Any) -> int:
+    """One conditional UPDATE: the only way state changes, so a race has one winner."""
+    result = db.execute(sa.update(model).where(*where).values(**values))
+    return result.rowcount
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+# Locks #######################################################################################
+
+_redis: Any = None
+
+
+def get_redis() -> Any:
+    """The process's Redis client (locks), or None on the embedded defaults."""
+    global _redis
+    if _redis is None and settings.redis_url:
+        import redis
+
+        _redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    return _redis
+
+
+_RELEASE_SCRIPT = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+@contextlib.contextmanager
+def try_lock(name: str, ttl: float) -> Iterator[bool]:
+    """Hold a named lock for the block if nobody else does; yields whether it was taken.
+
+    On Redis the lock expires after ``ttl`` seconds, so a killed holder frees it by itself. On
+    the embedded defaults (one machine) it is an ``flock`` that the kernel frees with its holder.
+    """
+    client = get_redis()
+    if client is not None:
+        key, token = f"instaqueue:lock:{name}", secrets.token_hex(8)
+        taken = bool(client.set(key, token, nx=True, px=max(1, int(ttl * 1000))))
+        try:
+            yield taken
+        finally:
+            if taken:
+                client.eval(_RELEASE_SCRIPT, 1, key, token)
+        return
+    folder = settings.data_dir / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# Graph API client ############################################################################
+
+#: Error codes that mean a rate limit (800xx business-use-case codes are matched by range).
+RATE_LIMIT_CODES = frozenset({4, 17, 32, 613})
+#: Error codes Meta documents as temporary.
+TRANSIENT_CODES = frozenset({1, 2})
+#: Error codes for a missing permission (200-299 are matched by range).
+PERMISSION_CODES = frozenset({10})
+#: Code for an invalid or expired access token.
+TOKEN_INVALID_CODE = 190
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Rate-limit usage from ``X-App-Usage`` and ``X-Business-Use-Case-Usage`` (percentages)."""
+
+    app_percent: float = 0.0
+    business: dict[str, float] = field(default_factory=dict)
+    regain_minutes: dict[str, float] = field(default_factory=dict)
+
+    def percent_for(self, object_id: str) -> float:
+        return max(self.app_percent, self.business.get(object_id, 0.0))
+
+
+@dataclass(frozen=True)
+class GraphResponse:
+    data: dict[str, Any]
+    usage: Usage
+
+
+class GraphClient:
+    """A small Graph API client: one connection pool per process, the token only in the
+    ``Authorization`` header, and every failure turned into a :class:`GraphAPIError`."""
+
+    def __init__(self, base_url: str, timeout: float) -> None:
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/") + "/",
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
+            headers={"User-Agent": "instaqueue"},
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, *, token: str, params: dict[str, Any] | None = None,
+                json_body: dict[str, Any] | None = None) -> GraphResponse:
+        try:
+            response = self._http.request(
+                method, path.lstrip("/"), params=params, json=json_body,
+                headers={"Authorization": f"Bearer {token}"})
+        except httpx.TimeoutException as exc:
+            raise TransientError(f"Graph API timed out ({type(exc).__name__}) on {method} {path}") from None
+        except httpx.TransportError as exc:
+            raise TransientError(f"Graph API unreachable ({type(exc).__name__}) on {method} {path}") from None
+        usage = parse_usage(response.headers)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code >= 400 or not isinstance(body, dict) or "error" in body:
+            raise error_from_response(response.status_code, body, usage=usage, token=token)
+        return GraphResponse(body, usage)
+
+
+def error_from_response(status: int, body: Any, *, usage: Usage | None = None,
+                        token: str | None = None) -> GraphAPIError:
+    """Map Meta's error object (or its absence) to the error hierarchy."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        message = "Graph API answered without a JSON object" if status < 400 else f"Graph API answered HTTP {status}"
+        cls = TransientError if status >= 500 or status < 400 else (RateLimited if status == 429 else BadRequest)
+        return cls(message, status=status)
+    code, subcode = _as_int(error.get("code")), _as_int(error.get("error_subcode"))
+    message = str(error.get("message") or "no message")
+    if token:
+        message = message.replace(token, "[token]")
+    kwargs = dict(code=code, subcode=subcode, status=status, fbtrace_id=error.get("fbtrace_id"))
+    if code == TOKEN_INVALID_CODE:
+        return TokenInvalid(message, **kwargs)
+    if code in RATE_LIMIT_CODES or (code is not None and 80000 <= code < 80100) or status == 429:
+        minutes = max((usage.regain_minutes.values() if usage else ()), default=0)
+        return RateLimited(message, retry_after=minutes * 60 or None, **kwargs)
+    if error.get("is_transient") is True or code in TRANSIENT_CODES or status >= 500:
+        return TransientError(message, **kwargs)
+    if code in PERMISSION_CODES or (code is not None and 200 <= code < 300):
+        return PermissionDenied(message, **kwargs)
+    return BadRequest(message, **kwargs)
+
+
+def parse_usage(headers: Any) -> Usage:
+    """Read the usage headers; a header that is missing or not JSON counts as no usage."""
+    app_percent = 0.0
+    app = _json_header(headers.get("x-app-usage"))
+    if isinstance(app, dict):
+        app_percent = max((_as_float(app.get(k)) for k in ("call_count", "total_cputime", "total_time")), default=0.0)
+    business: dict[str, float] = {}
+    regain: dict[str, float] = {}
+    buc = _json_header(headers.get("x-business-use-case-usage"))
+    if isinstance(buc, dict):
+        for object_id, entries in buc.items():
+            for entry in entries if isinstance(entries, list) else []:
+                if not isinstance(entry, dict):
+                    continue
+                percent = max(_as_float(entry.get(k)) for k in ("call_count", "total_cputime", "total_time"))
+                business[str(object_id)] = max(business.get(str(object_id), 0.0), percent)
+                minutes = _as_float(entry.get("estimated_time_to_regain_access"))
+                regain[str(object_id)] = max(regain.get(str(object_id), 0.0), minutes)
+    return Usage(app_percent, business, regain)
+
+
+_client: GraphClient | None = None
+
+
+def graph() -> GraphClient:
+    """The process's Graph client (one connection pool per process)."""
+    global _client
+    if _client is None:
+        _client = GraphClient(settings.graph_api_url, settings.graph_timeout)
+    return _client
+
+
+def graph_call(account: Account, method: str, path: str, *, params: dict[str, Any] | None = None,
+               json_body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Call Graph for an account and keep the account's state in step with the answer:
+    a 190 parks it, a rate limit backs it off, high usage slows its polling. An account that
+    is parked or backing off is not called at all."""
+    if account.state != AccountState.active:
+        raise AccountUnavailable(f"account {account.id} is {account.state}")
+    now = utcnow()
+    if account.backoff_until and account.backoff_until > now:
+        raise RateLimited(f"account {account.id} is backing off until {account.backoff_until:%H:%M:%S}",
+                          retry_after=(account.backoff_until - now).total_seconds())
+    try:
+        response = graph().request(method, path, token=account.access_token, params=params, json_body=json_body)
+    except TokenInvalid as exc:
+        park_account(account.id, f"access token rejected: {exc}")
+        account.state = AccountState.needs_reauth
+        raise
+    except RateLimited as exc:
+        if exc.retry_after is None:
+            exc.retry_after = settings.rate_limit_backoff
+        back_off_account(account.id, exc.retry_after)
+        account.backoff_until = utcnow() + timedelta(seconds=exc.retry_after)
+        raise
+    slow_for = usage_poll_interval(response.usage.percent_for(account.ig_user_id), settings.dm_poll_interval)
+    if slow_for > settings.dm_poll_interval:
+        with session() as db:
+            update_where(db, Account, [Account.id == account.id],
+                         dm_next_poll_at=utcnow() + timedelta(seconds=slow_for))
+            db.commit()
+    return response.data
+
+
+def park_account(account_id: int, reason: str) -> None:
+    log.warning("account %s parked: needs re-auth (%s)", account_id, reason)
+    with session() as db:
+        update_where(db, Account, [Account.id == account_id],
+                     state=AccountState.needs_reauth, state_reason=reason[:500])
+        db.commit()
+
+
+def back_off_account(account_id: int, seconds: float) -> None:
+    log.warning("account %s rate limited: no calls for %.0f s", account_id, seconds)
+    with session() as db:
+        update_where(db, Account, [Account.id == account_id],
+                     backoff_until=utcnow() + timedelta(seconds=seconds))
+        db.commit()
+
+
+def _json_header(value: str | None) -> Any:
+    try:
+        return json.loads(value) if value else None
+    except ValueError:
+        return None
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _as_float(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
+# Pure logic ##################################################################################
+
+def retry_delay(attempt: int, *, base: float, cap: float, jitter: float,
+                rand: Callable[[], float] = random.random) -> float:
+    """Seconds before retry number ``attempt`` (0 for the first): ``base * 2**attempt`` capped
+    at ``cap``, then spread by ``±jitter`` so that retries after an outage do not all land at once."""
+    nominal = min(cap, base * 2.0 ** min(max(attempt, 0), 64))
+    r = rand()
+    r = r if 0.0 <= r <= 1.0 else 0.5  # a broken random source (NaN, out of range) gets no jitter
+    low, high = nominal * (1 - jitter), nominal * (1 + jitter)
+    return min(max(nominal * (1 + jitter * (2 * r - 1)), low), high)
+
+
+def next_retry_delay(failures: int, *, policy: Settings | None = None,
+                     rand: Callable[[], float] = random.random) -> float | None:
+    """The delay after the ``failures``-th transient failure, or None when retries are spent."""
+    policy = policy or settings
+    if failures > policy.max_retries:
+        return None
+    return retry_delay(failures - 1, base=policy.retry_base, cap=policy.retry_cap,
+                       jitter=policy.retry_jitter, rand=rand)
+
+
+#: Characters that render as nothing and are used to slip words past filters.
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
+
+
+def normalize_text(text: str) -> str:
+    """Fold text for matching: NFKC (full-width letters), no accents, no invisible characters,
+    case-folded, whitespace collapsed."""
+    folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text).translate(_INVISIBLE))
+    folded = "".join(ch for ch in folded if not unicodedata.combining(ch)).casefold()
+    return " ".join(folded.split())
+
+
+def rule_matches(match: str, text: str) -> bool:
+    """Whether any comma-separated word or phrase of ``match`` stands in ``text`` as whole words."""
+    haystack = normalize_text(text)
+    for needle in (normalize_text(part) for part in match.split(",")):
+        if needle and re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", haystack):
+            return True
+    return False
+
+
+def choose_reply(text: str, rules: Sequence[ReplyRule]) -> ReplyRule | None:
+    """The first enabled rule, in creation order, whose words stand in the message."""
+    for rule in sorted(rules, key=lambda r: (r.created_at, r.id or 0)):
+        if rule.enabled and rule_matches(rule.match, text):
+            return rule
+    return None
+
+
+#: Each 5 points of usage above the slowdown threshold doubles the poll interval.
+USAGE_DOUBLING_POINTS = 5.0
+
+
+def usage_poll_interval(percent: float, base: float, *, slow_from: float | None = None) -> float:
+    """The poll interval for an account at ``percent`` of a Graph allowance: ``base`` below the
+    threshold, then doubling every 5 points, so polling eases off well before 100 %."""
+    slow_from = settings.usage_slowdown_percent if slow_from is None else slow_from
+    if not percent > slow_from:
+        return base
+    return base * 2 ** ((min(percent, 100.0) - slow_from) / USAGE_DOUBLING_POINTS)
+
+
+@dataclass(frozen=True)
+class ParsedMessage:
+    graph_message_id: str
+    conversation_id: str
+    sender_id: str
+    sender_username: str | None
+    text: str
+    created_time: datetime
+
+
+def parse_graph_time(value: Any) -> datetime:
+    """Meta's ``2026-11-24T09:00:00+0000`` (and ISO 8601 generally) as an aware datetime."""
+    if not isinstance(value, str):
+        raise MalformedPayload(f"time is not a string: {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise MalformedPayload(f"unparsable time {value[:40]!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def parse_message(raw: Any, conversation_id: str) -> ParsedMessage:
+    """One message object of a conversation, or :class:`MalformedPayload`."""
+    if not isinstance(raw, dict):
+        raise MalformedPayload(f"message is a {type(raw).__name__}, not an object")
+    message_id = raw.get("id")
+    if not isinstance(message_id, str) or not message_id:
+        raise MalformedPayload("message without an id")
+    sender = raw.get("from")
+    if not isinstance(sender, dict) or not isinstance(sender.get("id"), str) or not sender["id"]:
+        raise MalformedPayload(f"message {message_id[:40]} without a sender id")
+    text = raw.get("message", "")
+    if not isinstance(text, str):
+        raise MalformedPayload(f"message {message_id[:40]} text is a {type(text).__name__}")
+    username = sender.get("username")
+    return ParsedMessage(message_id, conversation_id, sender["id"],
+                         username if isinstance(username, str) else None, text,
+                         parse_graph_time(raw.get("created_time")))
+
+
+@dataclass
+class ConversationPage:
+    """What one page of ``/conversations`` gave: inbound messages, the newest update time seen,
+    whether an older conversation than ``since`` was met, the next cursor, and the problems."""
+
+    messages: list[ParsedMessage] = field(default_factory=list)
+    newest: datetime | None = None
+    reached_old: bool = False
+    after: str | None = None
+    without_messages: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def parse_conversation_page(payload: Any, *, account_ig_id: str, since: datetime | None) -> ConversationPage:
+    """Pick the inbound messages out of a conversations page. Bad items are reported in
+    ``problems`` and skipped; they never cost the other messages."""
+    page = ConversationPage()
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        page.problems.append("conversations page without a data list")
+        return page
+    for raw in data:
+        try:
+            if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
+                raise MalformedPayload("conversation without an id")
+            updated = parse_graph_time(raw.get("updated_time"))
+        except MalformedPayload as exc:
+            page.problems.append(str(exc))
+            continue
+        if since is not None and updated < since:
+            page.reached_old = True
+            continue
+        page.newest = max(page.newest or updated, updated)
+        messages = raw.get("messages")
+        if messages is None:
+            page.without_messages.append(raw["id"])
+            continue
+        items = messages.get("data") if isinstance(messages, dict) else None
+        if not isinstance(items, list):
+            page.problems.append(f"conversation {raw['id'][:40]}: messages without a data list")
+            continue
+        for item in items:
+            try:
+                message = parse_message(item, raw["id"])
+            except MalformedPayload as exc:
+                page.problems.append(f"conversation {raw['id'][:40]}: {exc}")
+                continue
+            if message.sender_id != account_ig_id:
+                page.messages.append(message)
+    paging = payload.get("paging")
+    if isinstance(paging, dict) and paging.get("next"):
+        cursors = paging.get("cursors")
+        after = cursors.get("after") if isinstance(cursors, dict) else None
+        page.after = after if isinstance(after, str) and after else None
+    return page
+
+
+def find_sent_replies(messages: Any, *, account_ig_id: str, recipient_id: str, text: str,
+                      not_before: datetime) -> list[str]:
+    """Ids of messages the account sent to ``recipient_id`` with exactly ``text`` at or after
+    ``not_before``, oldest first, among a conversation's messages."""
+    found: list[tuple[datetime, str]] = []
+    for raw in messages if isinstance(messages, list) else []:
+        try:
+            message = parse_message(raw, "")
+        except MalformedPayload:
+            continue
+        to = raw["to"].get("data") if isinstance(raw.get("to"), dict) else None
+        recipients = {r.get("id") for r in to if isinstance(r, dict)} if isinstance(to, list) else set()
+        if (message.sender_id == account_ig_id and message.text == text
+                and message.created_time >= not_before and (not recipients or recipient_id in recipients)):
+            found.append((message.created_time, message.graph_message_id))
+    return [message_id for _, message_id in sorted(found)]
+
+
+# Celery app ##################################################################################
+
+#: Queues, served in this order whenever more than one has work waiting.
+QUEUE_HIGH, QUEUE_DEFAULT, QUEUE_LOW = "high", "default", "low"
+QUEUES = (QUEUE_HIGH, QUEUE_DEFAULT, QUEUE_LOW)
+
+#: Routes by task name: DMs go first, comments and publishing next, analytics last.
+TASK_ROUTES = {
+    "instaqueue.poll_instagram_messages": {"queue": QUEUE_HIGH},
+    "instaqueue.poll_account_messages": {"queue": QUEUE_HIGH},
+    "instaqueue.process_instagram_message": {"queue": QUEUE_HIGH},
+    "instaqueue.*comment*": {"queue": QUEUE_DEFAULT},
+    "instaqueue.*post*": {"queue": QUEUE_DEFAULT},
+    "instaqueue.*analytics*": {"queue": QUEUE_LOW},
+}
+
+
+def broker_config(config: Settings) -> dict[str, Any]:
+    """Redis for broker and results when configured; else the embedded filesystem broker and a
+    SQLite result store, so a machine with nothing installed can run instaqueue."""
+    if config.redis_url:
+        return {
+            "broker_url": config.redis_url,
+            "result_backend": config.redis_url,
+            # Serve queues in -Q order (high first); kombu's default rotates between them.
+            "broker_transport_options": {
+                "queue_order_strategy": "priority",
+                "visibility_timeout": config.visibility_timeout,
+            },
+            "result_backend_transport_options": {"visibility_timeout": config.visibility_timeout},
+        }
+    data = config.data_dir.resolve()
+    return {
+        "broker_url": "filesystem://",
+        "result_backend": f"db+sqlite:///{data / 'results.sqlite'}",
+        "broker_transport_options": {
+            "data_folder_in": str(data / "broker"),
+            "data_folder_out": str(data / "broker"),
+            "control_folder": str(data / "control"),
+            "store_processed": False,
+        },
+    }
+
+
+def ensure_data_dirs(config: Settings) -> None:
+    """Create the embedded broker's folders (producer and consumer must share them)."""
+    for key in ("data_folder_in", "control_folder"):
+        folder = broker_config(config)["broker_transport_options"].get(key)
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+
+
+app = Celery("instaqueue")
+app.conf.update(
+    broker_config(settings),
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_queues=[Queue(name, routing_key=name) for name in QUEUES],
+    task_default_queue=QUEUE_DEFAULT,
+    task_routes=TASK_ROUTES,
+    # Flower sees every task: sent, received, started, succeeded, retried, failed.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    task_track_started=True,
+    # One message at a time per process: prefetched messages would run regardless of priority.
+    worker_prefetch_multiplier=1,
+    worker_concurrency=settings.worker_concurrency,
+    broker_connection_retry_on_startup=True,
+    result_expires=timedelta(days=1),
+    timezone=settings.timezone,
+    enable_utc=True,
+)
+if not settings.redis_url:
+    ensure_data_dirs(settings)
+
+
+@signals.worker_process_init.connect
+def _forget_inherited_connections(**_: Any) -> None:
+    """A forked pool child must not share its parent's sockets: make its own on first use."""
+    global _engine, _client, _redis
+    if _engine is not None:
+        _engine.dispose(close=False)
+    _engine, _client, _redis = None, None, None
+
+
+# Tasks #######################################################################################
+
+#: Overlap when re-reading conversations, for Meta's second-precision ``updated_time``.
+CURSOR_OVERLAP = timedelta(seconds=2)
+#: Messages older than the account's addition by more than this are history, never answered.
+HISTORY_GRACE = timedelta(minutes=1)
+CONVERSATIONS_PAGE_SIZE = 25
+#: Pages one poll reads at most; the rest waits for the next poll (the cursor stays behind).
+MAX_CONVERSATION_PAGES = 10
+MESSAGE_FIELDS = "id,created_time,from,to,message"
+CONVERSATION_FIELDS = f"id,updated_time,messages{{{MESSAGE_FIELDS}}}"
+#: Stale DMs re-sent per poll at most.
+REDISPATCH_BATCH = 100
+
+
+@app.task(name="instaqueue.poll_instagram_messages", ignore_result=True)
+def poll_instagram_messages() -> int:
+    """Send one DM poll per account that is active, not backing off and not slowed down."""
+    now = utcnow()
+    with session() as db:
+        account_ids = db.exec(select(Account.id).where(
+            Account.state == AccountState.active,
+            sa.or_(Account.backoff_until.is_(None), Account.backoff_until <= now),
+            sa.or_(Account.dm_next_poll_at.is_(None), Account.dm_next_poll_at <= now),
+        )).all()
+    for account_id in account_ids:
+        poll_account_messages.apply_async((account_id,), expires=dm_poll_expiry())
+    return len(account_ids)
+
+
+def dm_poll_expiry() -> float:
+    """A poll that waited longer than this in the queue is dropped: the next one is coming."""
+    return max(1.0, 2 * settings.dm_poll_interval)
+
+
+@app.task(name="instaqueue.poll_account_messages", ignore_result=True)
+def poll_account_messages(account_id: int) -> int:
+    """Read an account's new inbound DMs, store each once and send it to be answered.
+    Polls of one account never overlap; a failed poll is simply followed by the next one."""
+    stored = 0
+    with try_lock(f"dm-poll:{account_id}", settings.message_lease) as mine:
+        if not mine:
+            return 0
+        with session() as db:
+            account = db.get(Account, account_id)
+        if account is None or account.state != AccountState.active:
+            return 0
+        try:
+            stored = read_new_messages(account, on_stored=_dispatch_messages)
+        except (GraphAPIError, AccountUnavailable) as exc:
+            log.warning("DM poll of account %s failed: %s", account_id, exc)
+        _dispatch_messages(take_stale_messages(account_id))
+    return stored
+
+
+def read_new_messages(account: Account, *, on_stored: Callable[[list[int]], None]) -> int:
+    """Page through conversations updated since the account's cursor, store their inbound
+    messages once (``on_stored`` gets the new ids after each page is committed) and advance
+    the cursor. Returns how many messages were new."""
+    since = account.dm_cursor - CURSOR_OVERLAP if account.dm_cursor else None
+    not_before = account.created_at - HISTORY_GRACE
+    params: dict[str, Any] = {"platform": "instagram", "fields": CONVERSATION_FIELDS,
+                              "limit": CONVERSATIONS_PAGE_SIZE}
+    newest, total = account.dm_cursor, 0
+    for _ in range(MAX_CONVERSATION_PAGES):
+        payload = graph_call(account, "GET", f"{account.ig_user_id}/conversations", params=params)
+        page = parse_conversation_page(payload, account_ig_id=account.ig_user_id, since=since)
+        for problem in page.problems:
+            log.warning("account %s: skipped a malformed Graph item: %s", account.id, problem)
+        messages = page.messages + fetch_messages_one_by_one(account, page.without_messages)
+        new_ids = store_inbound(account, [m for m in messages if m.created_time >= not_before])
+        total += len(new_ids)
+        on_stored(new_ids)
+        if page.newest and (newest is None or page.newest > newest):
+            newest = page.newest
+        if page.reached_old or not page.after:
+            break
+        params = {**params, "after": page.after}
+    if newest and newest != account.dm_cursor:
+        with session() as db:
+            update_where(db, Account, [Account.id == account.id,
+                                       sa.or_(Account.dm_cursor.is_(None), Account.dm_cursor < newest)],
+                         dm_cursor=newest)
+            db.commit()
+    return total
+
+
+def fetch_messages_one_by_one(account: Account, conversation_ids: list[str]) -> list[ParsedMessage]:
+    """The fallback when a conversation came without its messages: list their ids, then read
+    each one we do not have yet (one call per message)."""
+    found: list[ParsedMessage] = []
+    for conversation_id in conversation_ids:
+        payload = graph_call(account, "GET", conversation_id, params={"fields": "messages"})
+        items = (payload.get("messages") or {}).get("data") if isinstance(payload.get("messages"), dict) else None
+        ids = [i["id"] for i in items or [] if isinstance(i, dict) and isinstance(i.get("id"), str) and i["id"]]
+        with session() as db:
+            known = set(db.exec(select(InboundMessage.graph_message_id)
+                                .where(InboundMessage.graph_message_id.in_(ids))).all()) if ids else set()
+        for message_id in ids:
+            if message_id in known:
+                continue
+            raw = graph_call(account, "GET", message_id, params={"fields": MESSAGE_FIELDS})
+            try:
+                message = parse_message(raw, conversation_id)
+            except MalformedPayload as exc:
+                log.warning("account %s: skipped a malformed Graph message: %s", account.id, exc)
+                continue
+            if message.sender_id != account.ig_user_id:
+                found.append(message)
+    return found
+
+
+def store_inbound(account: Account, messages: list[ParsedMessage]) -> list[int]:
+    """Store messages not stored before (the Graph id is unique); the ids of the new rows."""
+    if not messages:
+        return []
+    new_ids: list[int] = []
+    with session() as db:
+        known = set(db.exec(select(InboundMessage.graph_message_id).where(
+            InboundMessage.graph_message_id.in_([m.graph_message_id for m in messages]))).all())
+        for message in messages:
+            if message.graph_message_id in known:
+                continue
+            known.add(message.graph_message_id)
+            new_id = insert_once(db, InboundMessage, dict(
+                account_id=account.id, graph_message_id=message.graph_message_id,
+                conversation_id=message.conversation_id, sender_id=message.sender_id,
+                sender_username=message.sender_username, text=message.text,
+                created_time=message.created_time, received_at=utcnow(),
+                status=MessageStatus.received, attempts=0, next_attempt_at=utcnow()))
+            if new_id is not None:
+                new_ids.append(new_id)
+        db.commit()
+    return new_ids
+
+
+def take_stale_messages(account_id: int) -> list[int]:
+    """DMs of an active account that nobody has worked on long after they were due (a send
+    lost in a crash, an account back from re-auth); they are due again from now."""
+    now = utcnow()
+    with session() as db:
+        ids = db.exec(select(InboundMessage.id).where(
+            InboundMessage.account_id == account_id,
+            InboundMessage.status.in_([MessageStatus.received, MessageStatus.sending]),
+            InboundMessage.next_attempt_at < now - timedelta(seconds=settings.stale_after),
+        ).limit(REDISPATCH_BATCH)).all()
+        if ids:
+            update_where(db, InboundMessage, [InboundMessage.id.in_(ids)], next_attempt_at=now)
+            db.commit()
+            log.warning("account %s: sending %d stale DMs again", account_id, len(ids))
+    return list(ids)
+
+
+def _dispatch_messages(message_ids: list[int]) -> None:
+    for message_id in message_ids:
+        process_instagram_message.delay(message_id)
+
+
+@app.task(name="instaqueue.process_instagram_message", bind=True, max_retries=settings.max_retries,
+          acks_late=True, reject_on_worker_lost=True)
+def process_instagram_message(self: Any, message_id: int) -> str:
+    """Answer one inbound DM by the account's rules, exactly once.
+
+    Safe to run twice or after a crash: the message is claimed with a conditional UPDATE, and a
+    message found in ``sending`` (a previous attempt may have reached Instagram) is first looked
+    up in its conversation; only a reply proven missing is sent. Transient errors retry on the
+    shared schedule, counted in the table; permanent errors fail the message with the reason.
+    """
+    with session() as db:
+        message = db.get(InboundMessage, message_id)
+        account = db.get(Account, message.account_id) if message else None
+        rules = db.exec(select(ReplyRule).where(ReplyRule.account_id == message.account_id)).all() if message else []
+    if message is None or account is None:
+        log.warning("DM %s is not in the database; nothing to do", message_id)
+        return "missing"
+    if message.status in FINAL_MESSAGE_STATES:
+        return message.status
+    if account.state != AccountState.active:
+        return "account parked"  # the poll sends it again once the account is back
+    if message.status == MessageStatus.received:
+        rule = choose_reply(message.text, rules)
+        if rule is None:
+            with session() as db:
+                update_where(db, InboundMessage, [InboundMessage.id == message_id,
+                                                  InboundMessage.status == MessageStatus.received],
+                             status=MessageStatus.needs_human, last_error="no reply rule matched")
+                db.commit()
+            return MessageStatus.needs_human
+        claim = claim_message(message_id, reply_text=rule.reply, rule_id=rule.id)
+        look_first = False
+    else:
+        claim = claim_message(message_id)
+        look_first = True
+    if claim is None:
+        with session() as db:
+            current = db.get(InboundMessage, message_id)
+        if current.status in FINAL_MESSAGE_STATES:
+            return current.status
+        wait = max(1.0, ((current.claimed_until or utcnow()) - utcnow()).total_seconds() + 1)
+        raise self.retry(countdown=min(wait, settings.retry_cap), max_retries=None)
+    token, message = claim
+    try:
+        sent_id = look_for_sent_reply(account, message) if look_first else None
+        if sent_id is None:
+            answer = graph_call(account, "POST", f"{account.ig_user_id}/messages", json_body={
+                "recipient": {"id": message.sender_id}, "message": {"text": message.reply_text}})
+            sent_id = answer.get("message_id") if isinstance(answer.get("message_id"), str) else None
+            if sent_id is None:
+                log.warning("DM %s: Send API answered without a message_id", message_id)
+    except (TransientError, RateLimited) as exc:
+        return retry_message_later(self, message, token, exc)
+    except (AccountUnavailable, TokenInvalid):
+        release_claim(message_id, token)
+        return "account parked"
+    except GraphAPIError as exc:
+        finish_message(message_id, token, status=MessageStatus.failed, last_error=str(exc))
+        return MessageStatus.failed
+    finish_message(message_id, token, status=MessageStatus.replied, reply_graph_message_id=sent_id,
+                   replied_at=utcnow(), last_error=None)
+    return MessageStatus.replied
+
+
+def claim_message(message_id: int, *, reply_text: str | None = None,
+                  rule_id: int | None = None) -> tuple[str, InboundMessage] | None:
+    """Take a fresh message (with its chosen reply) or, without ``reply_text``, one left in
+    ``sending`` whose claim has run out. Returns the claim token and the claimed row."""
+    now, token = utcnow(), secrets.token_hex(8)
+    lease_end = now + timedelta(seconds=settings.message_lease)
+    if reply_text is not None:
+        where = [InboundMessage.status == MessageStatus.received]
+        values = dict(reply_text=reply_text, reply_rule_id=rule_id)
+    else:
+        where = [InboundMessage.status == MessageStatus.sending,
+                 sa.or_(InboundMessage.claimed_until.is_(None), InboundMessage.claimed_until <= now)]
+        values = {}
+    with session() as db:
+        taken = update_where(db, InboundMessage, [InboundMessage.id == message_id, *where],
+                             status=MessageStatus.sending, claimed_until=lease_end, claim_token=token,
+                             next_attempt_at=lease_end, **values)
+        db.commit()
+        return (token, db.get(InboundMessage, message_id)) if taken else None
+
+
+def look_for_sent_reply(account: Account, message: InboundMessage) -> str | None:
+    """Before sending again, look in the conversation for the reply a previous attempt may
+    have sent; a reply already recorded for another DM does not count."""
+    payload = graph_call(account, "GET", message.conversation_id,
+                         params={"fields": f"messages{{{MESSAGE_FIELDS}}}"})
+    items = payload.get("messages", {}).get("data") if isinstance(payload.get("messages"), dict) else None
+    candidates = find_sent_replies(items, account_ig_id=account.ig_user_id, recipient_id=message.sender_id,
+                                   text=message.reply_text or "", not_before=message.created_time)
+    if not candidates:
+        return None
+    with session() as db:
+        taken = set(db.exec(select(InboundMessage.reply_graph_message_id).where(
+            InboundMessage.reply_graph_message_id.in_(candidates))).all())
+    found = next((c for c in candidates if c not in taken), None)
+    if found:
+        log.info("DM %s: reply already sent before a crash or timeout (%s); not sending again", message.id, found)
+    return found
+
+
+def retry_message_later(task: Any, message: InboundMessage, token: str, exc: GraphAPIError) -> str:
+    """The shared retry policy for a DM: transient errors count toward the limit, rate limits
+    wait for the back-off without counting. The claim is released for the retry, which will
+    look in the conversation before sending."""
+    failures = message.attempts + (0 if isinstance(exc, RateLimited) else 1)
+    if isinstance(exc, RateLimited):
+        delay: float | None = min(max(exc.retry_after or settings.rate_limit_backoff, 1.0), settings.retry_cap)
+    else:
+        delay = next_retry_delay(failures)
+    if delay is None:
+        finish_message(message.id, token, status=MessageStatus.failed, attempts=failures,
+                       last_error=f"gave up after {failures} attempts: {exc}")
+        return MessageStatus.failed
+    with session() as db:
+        update_where(db, InboundMessage, [InboundMessage.id == message.id, InboundMessage.claim_token == token],
+                     claimed_until=utcnow(), attempts=failures, last_error=str(exc)[:1000],
+                     next_attempt_at=utcnow() + timedelta(seconds=delay))
+        db.commit()
+    log.info("DM %s: %s; retry %d in %.1f s", message.id, exc, failures, delay)
+    raise task.retry(countdown=delay, max_retries=None, exc=exc)
+
+
+def release_claim(message_id: int, token: str) -> None:
+    with session() as db:
+        update_where(db, InboundMessage, [InboundMessage.id == message_id, InboundMessage.claim_token == token],
+                     claimed_until=utcnow())
+        db.commit()
+
+
+def finish_message(message_id: int, token: str, **values: Any) -> None:
+    """Record the outcome, only while our claim is the current one."""
+    if isinstance(values.get("last_error"), str):
+        values["last_error"] = values["last_error"][:1000]
+    with session() as db:
+        done = update_where(db, InboundMessage, [InboundMessage.id == message_id, InboundMessage.claim_token == token],
+                            claimed_until=None, **values)
+        db.commit()
+    if not done:
+        log.error("DM %s: claim was taken over before its outcome (%s) was recorded", message_id, values.get("status"))
+
+
+@app.task(name="instaqueue.noop")
+def noop(value: Any = None) -> Any:
+    """Does nothing: the baseline for benchmarks and a probe of the queue path."""
+    return value
+
+
+# Beat schedule ###############################################################################
+
+app.conf.beat_schedule = {
+    "poll-instagram-messages": {
+        "task": "instaqueue.poll_instagram_messages",
+        "schedule": settings.dm_poll_interval,
+        "options": {"expires": dm_poll_expiry()},
+    },
+}
+
+
+# CLI #########################################################################################
+
+#: What ``worker`` serves, in priority order.
+WORKER_QUEUES = ",".join(QUEUES)
+
+
+class CommandError(Exception):
+    """Bad input to a command: said in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line, not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="instaqueue", description="Instagram automation job engine.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, text in (("worker", "run a worker on queues high,default,low"),
+                       ("run", "run a worker with embedded beat (one machine, development)"),
+                       ("beat", "run the scheduler (exactly one per deployment)"),
+                       ("flower", "run the Flower monitoring UI on port 5555")):
+        sub = commands.add_parser(name, help=text, description=f"{text}; extra arguments go to celery")
+        sub.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed on to celery")
+    commands.add_parser("initdb", help="create the tables")
+
+    accounts = commands.add_parser("accounts", help="Instagram accounts").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    add = accounts.add_parser("add", help="connect an account")
+    add.add_argument("--ig-user-id", required=True, type=_ig_id)
+    add.add_argument("--username", required=True, type=_username)
+    add.add_argument("--access-token", required=True, type=_token)
+    accounts.add_parser("list", help="accounts and their state")
+
+    rules = commands.add_parser("rules", help="keyword reply rules").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    add = rules.add_parser("add", help="reply with TEXT to DMs containing any of WORDS")
+    add.add_argument("--account", required=True, type=_positive_int, help="account id (see accounts list)")
+    add.add_argument("--match", required=True, type=_match_words, help='comma-separated, e.g. "price, cost"')
+    add.add_argument("--reply", required=True, type=_reply_text)
+    listing = rules.add_parser("list", help="reply rules")
+    listing.add_argument("--account", type=_positive_int)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args) or 0
+    except CommandError as exc:
+        print(f"instaqueue {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except sa.exc.OperationalError as exc:
+        where = make_url(settings.effective_database_url).render_as_string(hide_password=True)
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        print(f"instaqueue {args.command}: cannot use the database at {where}: {reason}", file=sys.stderr)
+        return 1
+
+
+def _cmd_celery(args: argparse.Namespace) -> int:
+    create_tables()
+    if not settings.redis_url:
+        ensure_data_dirs(settings)
+    extra = list(args.celery_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    if args.command in ("worker", "run"):
+        argv = ["worker", "-Q", WORKER_QUEUES, "-c", str(settings.worker_concurrency), "-l", "INFO"]
+        if args.command == "run":
+            argv += ["-B", "--schedule", str(settings.data_dir.resolve() / "beat-schedule")]
+        app.worker_main(argv + extra)
+    elif args.command == "beat":
+        app.start(["beat", "-l", "INFO", "--schedule", str(settings.data_dir.resolve() / "beat-schedule"), *extra])
+    else:
+        app.start(["flower", "--port=5555", *extra])
+    return 0
+
+
+def _cmd_initdb(args: argparse.Namespace) -> int:
+    create_tables()
+    print(f"tables ready in {make_url(settings.effective_database_url).render_as_string(hide_password=True)}")
+    return 0
+
+
+def _cmd_accounts(args: argparse.Namespace) -> int:
+    create_tables()
+    with session() as db:
+        if args.action == "add":
+            existing = db.exec(select(Account).where(Account.ig_user_id == args.ig_user_id)).first()
+            if existing:
+                raise CommandError(f"an account with ig user id {args.ig_user_id} exists already (id {existing.id})")
+            account = Account(ig_user_id=args.ig_user_id, username=args.username, access_token=args.access_token)
+            db.add(account)
+            db.commit()
+            print(f"account {account.id} added: @{account.username} (ig user id {account.ig_user_id})")
+            return 0
+        rows = db.exec(select(Account).order_by(Account.id)).all()
+    _print_table(["id", "ig_user_id", "username", "state", "backoff_until"],
+                 [[a.id, a.ig_user_id, "@" + a.username, a.state, _when(a.backoff_until)] for a in rows])
+    return 0
+
+
+def _cmd_rules(args: argparse.Namespace) -> int:
+    create_tables()
+    with session() as db:
+        if args.action == "add":
+            if db.get(Account, args.account) is None:
+                raise CommandError(f"no account with id {args.account} (see: instaqueue accounts list)")
+            rule = ReplyRule(account_id=args.account, match=args.match, reply=args.reply)
+            db.add(rule)
+            db.commit()
+            print(f"rule {rule.id} added for account {rule.account_id}")
+            return 0
+        query = select(ReplyRule).order_by(ReplyRule.id)
+        if args.account:
+            query = query.where(ReplyRule.account_id == args.account)
+        rows = db.exec(query).all()
+    _print_table(["id", "account", "match", "reply", "enabled"],
+                 [[r.id, r.account_id, r.match, r.reply, "yes" if r.enabled else "no"] for r in rows])
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "worker": _cmd_celery, "run": _cmd_celery, "beat": _cmd_celery, "flower": _cmd_celery,
+    "initdb": _cmd_initdb, "accounts": _cmd_accounts, "rules": _cmd_rules,
+}
+
+#: Longest reply the Send API takes for a text message, in bytes.
+MAX_REPLY_BYTES = 1000
+
+
+def _ig_id(value: str) -> str:
+    if not re.fullmatch(r"[0-9]{1,30}", value.strip()):
+        raise argparse.ArgumentTypeError("an Instagram user id is a number, e.g. 17841400000000000")
+    return value.strip()
+
+
+def _username(value: str) -> str:
+    name = value.strip().removeprefix("@")
+    if not re.fullmatch(r"[A-Za-z0-9._]{1,30}", name):
+        raise argparse.ArgumentTypeError("an Instagram username has 1 to 30 letters, digits, dots or underscores")
+    return name
+
+
+def _token(value: str) -> str:
+    if not value.strip() or any(ch.isspace() for ch in value.strip()):
+        raise argparse.ArgumentTypeError("the access token is empty or contains spaces")
+    return value.strip()
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value[:40]!r}")
+    return number
+
+
+def _match_words(value: str) -> str:
+    words = [w.strip() for w in value.split(",") if normalize_text(w)]
+    if not words:
+        raise argparse.ArgumentTypeError("give at least one word or phrase, comma-separated")
+    return ", ".join(words)
+
+
+def _reply_text(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("the reply is empty")
+    if len(value.encode()) > MAX_REPLY_BYTES:
+        raise argparse.ArgumentTypeError(f"the reply is longer than {MAX_REPLY_BYTES} bytes")
+    return value.strip()
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone(settings.zone).strftime("%Y-%m-%d %H:%M:%S %Z") if value else "-"
+
+
+def _print_table(header: list[str], rows: list[list[Any]]) -> None:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    if not rows:
+        print("(none)")

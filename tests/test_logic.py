@@ -1,0 +1,179 @@
+"""Pure logic: the retry schedule, reply rules, polling pace and payload parsing."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+import instaqueue
+from instaqueue import (ReplyRule, choose_reply, next_retry_delay, normalize_text, parse_conversation_page,
+                        retry_delay, rule_matches, usage_poll_interval)
+
+SEED = SimpleNamespace(retry_base=60, retry_cap=600, retry_jitter=0.2, max_retries=3)
+ACCOUNT = "17841400000000001"
+
+
+# Retry schedule ###########################################################################
+
+@given(attempt=st.integers(min_value=0, max_value=10_000), r=st.floats(min_value=0, max_value=1))
+def test_retry_delay_stays_within_twenty_percent_of_the_capped_doubling(attempt, r):
+    delay = retry_delay(attempt, base=60, cap=600, jitter=0.2, rand=lambda: r)
+    nominal = min(600, 60 * 2 ** min(attempt, 64))
+    assert 0 <= 0.8 * nominal - 1e-9 <= delay <= 1.2 * nominal + 1e-9
+
+
+@given(rands=st.lists(st.floats(min_value=0, max_value=1), min_size=10, max_size=10))
+def test_exactly_three_retries_at_60_120_240_then_failure(rands):
+    source = iter(rands)
+    delays = [next_retry_delay(n, policy=SEED, rand=lambda: next(source)) for n in range(1, 6)]
+    assert delays[3:] == [None, None]
+    for delay, nominal in zip(delays[:3], (60, 120, 240)):
+        assert 0.8 * nominal <= delay <= 1.2 * nominal
+
+
+@given(r=st.floats())
+def test_a_broken_random_source_cannot_push_the_delay_out_of_bounds(r):
+    delay = retry_delay(1, base=60, cap=600, jitter=0.2, rand=lambda: r)
+    assert 96 <= delay <= 144
+
+
+def test_the_cap_applies_before_the_jitter():
+    assert retry_delay(20, base=60, cap=600, jitter=0.2, rand=lambda: 1.0) == pytest.approx(720)
+    assert retry_delay(20, base=60, cap=600, jitter=0.2, rand=lambda: 0.0) == pytest.approx(480)
+
+
+# Reply rules ##############################################################################
+
+def rule(match: str, reply: str = "r", minute: int = 0, enabled: bool = True) -> ReplyRule:
+    return ReplyRule(id=minute + 1, account_id=1, match=match, reply=reply, enabled=enabled,
+                     created_at=datetime(2026, 1, 1, 0, minute, tzinfo=timezone.utc))
+
+
+@pytest.mark.parametrize("text", [
+    "What's the PRICE?", "price", "Ｐｒｉｃｅ please", "pri\u200bce?", "how much does it cost",
+    "Le  prïce ?", "price!!!",
+])
+def test_rule_matches_whole_words_through_case_width_accents_and_invisible_characters(text):
+    assert rule_matches("price, cost", text)
+
+
+@pytest.mark.parametrize("text", ["priceless", "costume party", "", "pricing"])
+def test_rule_does_not_match_inside_other_words(text):
+    assert not rule_matches("price, cost", text)
+
+
+def test_phrases_match_across_any_spacing():
+    assert rule_matches("opening hours", "what are your opening\n\thours?")
+    assert not rule_matches("opening hours", "opening soon, hours later")
+
+
+def test_first_enabled_rule_in_creation_order_wins():
+    rules = [rule("price", "second", minute=2), rule("price", "disabled", minute=0, enabled=False),
+             rule("price", "first", minute=1)]
+    assert choose_reply("price?", rules).reply == "first"
+    assert choose_reply("hello", rules) is None
+
+
+@given(st.text())
+def test_any_text_is_safe_for_the_matcher(text):
+    assert isinstance(normalize_text(text), str)
+    rule_matches("price, cost, a.b*", text)
+
+
+# Polling pace from usage headers ##########################################################
+
+@given(a=st.floats(min_value=0, max_value=150), b=st.floats(min_value=0, max_value=150))
+def test_poll_interval_never_shrinks_as_usage_grows(a, b):
+    low, high = sorted((a, b))
+    assert usage_poll_interval(low, 0.5, slow_from=75) <= usage_poll_interval(high, 0.5, slow_from=75)
+
+
+def test_poll_interval_slows_before_the_limit():
+    assert usage_poll_interval(50, 0.5, slow_from=75) == 0.5
+    assert usage_poll_interval(90, 0.5, slow_from=75) == pytest.approx(4.0)
+    assert usage_poll_interval(100, 0.5, slow_from=75) == usage_poll_interval(400, 0.5, slow_from=75) == 16.0
+
+
+# Conversation pages #######################################################################
+
+def msg(i: int, sender: str = "900", text: str = "hi", when: str = "2026-11-24T09:00:00+0000") -> dict:
+    return {"id": f"m{i}", "created_time": when, "from": {"id": sender, "username": "u"},
+            "to": {"data": [{"id": ACCOUNT, "username": "shop"}]}, "message": text}
+
+
+def test_page_keeps_inbound_messages_and_drops_the_accounts_own():
+    payload = {"data": [{"id": "c1", "updated_time": "2026-11-24T09:00:05+0000",
+                         "messages": {"data": [msg(2, sender=ACCOUNT), msg(1)]}}],
+               "paging": {"cursors": {"after": "A"}, "next": "https://x/next"}}
+    page = parse_conversation_page(payload, account_ig_id=ACCOUNT, since=None)
+    assert [m.graph_message_id for m in page.messages] == ["m1"]
+    assert page.after == "A" and not page.problems
+    assert page.newest == datetime(2026, 11, 24, 9, 0, 5, tzinfo=timezone.utc)
+
+
+def test_page_stops_at_conversations_older_than_the_cursor():
+    since = datetime(2026, 11, 24, 9, 0, 0, tzinfo=timezone.utc)
+    payload = {"data": [
+        {"id": "new", "updated_time": "2026-11-24T09:00:01+0000", "messages": {"data": [msg(1)]}},
+        {"id": "old", "updated_time": "2026-11-24T08:59:59+0000", "messages": {"data": [msg(2)]}}]}
+    page = parse_conversation_page(payload, account_ig_id=ACCOUNT, since=since)
+    assert [m.graph_message_id for m in page.messages] == ["m1"] and page.reached_old
+    assert page.after is None
+
+
+def test_conversation_without_expansion_is_listed_for_the_fallback():
+    page = parse_conversation_page({"data": [{"id": "c9", "updated_time": "2026-11-24T09:00:01+0000"}]},
+                                   account_ig_id=ACCOUNT, since=None)
+    assert page.without_messages == ["c9"] and page.messages == []
+
+
+junk = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                    lambda children: st.lists(children, max_size=4)
+                    | st.dictionaries(st.sampled_from(["id", "data", "from", "message", "created_time",
+                                                        "updated_time", "messages", "paging", "to"]),
+                                      children, max_size=5), max_leaves=20)
+
+
+@hsettings(max_examples=300)
+@given(bad=st.lists(junk, max_size=5), good_at=st.integers(min_value=0, max_value=5), top=junk)
+def test_malformed_items_are_reported_and_skipped_never_costing_the_good_ones(bad, good_at, top):
+    good = {"id": "cgood", "updated_time": "2026-11-24T09:00:01+0000", "messages": {"data": [msg(1), *bad]}}
+    data = list(bad)
+    data.insert(min(good_at, len(data)), good)
+    page = parse_conversation_page({"data": data}, account_ig_id=ACCOUNT, since=None)
+    assert "m1" in [m.graph_message_id for m in page.messages]
+    assert all(isinstance(p, str) for p in page.problems)
+    # Any top-level shape at all is survived.
+    parse_conversation_page(top, account_ig_id=ACCOUNT, since=None)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("id", None), ("id", 5), ("from", "900"), ("from", {}), ("created_time", "yesterday"),
+    ("created_time", 1700000000), ("message", ["hi"]),
+])
+def test_each_malformed_message_field_is_named_in_the_problem(field, value):
+    bad = msg(2)
+    bad[field] = value
+    page = parse_conversation_page({"data": [{"id": "c", "updated_time": "2026-11-24T09:00:01+0000",
+                                              "messages": {"data": [bad, msg(1)]}}]},
+                                   account_ig_id=ACCOUNT, since=None)
+    assert [m.graph_message_id for m in page.messages] == ["m1"]
+    assert len(page.problems) == 1
+
+
+def test_sent_reply_is_found_only_for_that_recipient_text_and_time():
+    since = datetime(2026, 11, 24, 9, 0, 0, tzinfo=timezone.utc)
+    mine = lambda i, to, text, when: {**msg(i, sender=ACCOUNT, text=text, when=when),  # noqa: E731
+                                      "to": {"data": [{"id": to}]}}
+    items = [mine(5, "900", "Prices", "2026-11-24T09:00:03+0000"),
+             mine(4, "901", "Prices", "2026-11-24T09:00:02+0000"),
+             mine(3, "900", "Other", "2026-11-24T09:00:02+0000"),
+             mine(2, "900", "Prices", "2026-11-24T08:59:00+0000"), msg(1)]
+    found = instaqueue.find_sent_replies(items, account_ig_id=ACCOUNT, recipient_id="900", text="Prices",
+                                         not_before=since)
+    assert found == ["m5"]
+    assert instaqueue.find_sent_replies("junk", account_ig_id=ACCOUNT, recipient_id="900", text="x",
+                                        not_before=since) == []
