@@ -1334,8 +1334,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("run", "run a worker with embedded beat (one machine, development)"),
                        ("beat", "run the scheduler (exactly one per deployment)"),
                        ("flower", "run the Flower monitoring UI on port 5555")):
-        sub = commands.add_parser(name, help=text, description=f"{text}; extra arguments go to celery")
-        sub.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed on to celery")
+        commands.add_parser(name, help=text, description=f"{text}; extra arguments go to celery")
     commands.add_parser("initdb", help="create the tables")
 
     accounts = commands.add_parser("accounts", help="Instagram accounts").add_subparsers(
@@ -1358,7 +1357,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in _CELERY_COMMANDS:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.celery_args = extra
     try:
         return _COMMANDS[args.command](args) or 0
     except CommandError as exc:
@@ -1375,9 +1378,7 @@ def _cmd_celery(args: argparse.Namespace) -> int:
     create_tables()
     if not settings.redis_url:
         ensure_data_dirs(settings)
-    extra = list(args.celery_args)
-    if extra[:1] == ["--"]:
-        extra = extra[1:]
+    extra = [a for a in args.celery_args if a != "--"]
     if args.command in ("worker", "run"):
         argv = ["worker", "-Q", WORKER_QUEUES, "-c", str(settings.worker_concurrency), "-l", "INFO"]
         if args.command == "run":
@@ -1433,6 +1434,9 @@ def _cmd_rules(args: argparse.Namespace) -> int:
                  [[r.id, r.account_id, r.match, r.reply, "yes" if r.enabled else "no"] for r in rows])
     return 0
 
+
+#: Commands that start a Celery program; arguments we do not know are passed on to it.
+_CELERY_COMMANDS = ("worker", "run", "beat", "flower")
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "worker": _cmd_celery, "run": _cmd_celery, "beat": _cmd_celery, "flower": _cmd_celery,
