@@ -1049,11 +1049,12 @@ def read_new_messages(account: Account, *, on_stored: Callable[[list[int]], None
     """Page through conversations updated since the account's cursor, store their inbound
     messages once (``on_stored`` gets the new ids after each page is committed) and advance
     the cursor. Returns how many messages were new."""
-    since = account.dm_cursor - CURSOR_OVERLAP if account.dm_cursor else None
     not_before = account.created_at - HISTORY_GRACE
+    since = account.dm_cursor - CURSOR_OVERLAP if account.dm_cursor else not_before
     params: dict[str, Any] = {"platform": "instagram", "fields": CONVERSATION_FIELDS,
                               "limit": CONVERSATIONS_PAGE_SIZE}
     newest, total = account.dm_cursor, 0
+    deadline = time.monotonic() + settings.message_lease / 2  # well inside the poll lock's expiry
     for _ in range(MAX_CONVERSATION_PAGES):
         payload = graph_call(account, "GET", f"{account.ig_user_id}/conversations", params=params)
         page = parse_conversation_page(payload, account_ig_id=account.ig_user_id, since=since)
@@ -1067,7 +1068,11 @@ def read_new_messages(account: Account, *, on_stored: Callable[[list[int]], None
             newest = page.newest
         if page.reached_old or not page.after:
             break
+        if time.monotonic() > deadline:
+            return total  # the cursor stays behind: the next poll reads the rest
         params = {**params, "after": page.after}
+    else:
+        return total  # more pages than one poll reads: the cursor stays behind
     if newest and newest != account.dm_cursor:
         with session() as db:
             update_where(db, Account, [Account.id == account.id,
@@ -1079,23 +1084,29 @@ def read_new_messages(account: Account, *, on_stored: Callable[[list[int]], None
 
 def fetch_messages_one_by_one(account: Account, conversation_ids: list[str]) -> list[ParsedMessage]:
     """The fallback when a conversation came without its messages: list their ids, then read
-    each one we do not have yet (one call per message)."""
+    each one we do not have yet (one call per message). A conversation or message that Graph
+    refuses (deleted, unknown id) is logged and skipped; transient errors end the poll."""
     found: list[ParsedMessage] = []
     for conversation_id in conversation_ids:
-        payload = graph_call(account, "GET", conversation_id, params={"fields": "messages"})
-        items = (payload.get("messages") or {}).get("data") if isinstance(payload.get("messages"), dict) else None
-        ids = [i["id"] for i in items or [] if isinstance(i, dict) and isinstance(i.get("id"), str) and i["id"]]
+        try:
+            payload = graph_call(account, "GET", conversation_id, params={"fields": "messages"})
+        except (BadRequest, PermissionDenied) as exc:
+            log.warning("account %s: skipped conversation %s: %s", account.id, conversation_id[:40], exc)
+            continue
+        items = payload["messages"].get("data") if isinstance(payload.get("messages"), dict) else None
+        ids = [i["id"] for i in items if isinstance(i, dict) and isinstance(i.get("id"), str) and i["id"]] \
+            if isinstance(items, list) else []
         with session() as db:
             known = set(db.exec(select(InboundMessage.graph_message_id)
                                 .where(InboundMessage.graph_message_id.in_(ids))).all()) if ids else set()
         for message_id in ids:
             if message_id in known:
                 continue
-            raw = graph_call(account, "GET", message_id, params={"fields": MESSAGE_FIELDS})
             try:
-                message = parse_message(raw, conversation_id)
-            except MalformedPayload as exc:
-                log.warning("account %s: skipped a malformed Graph message: %s", account.id, exc)
+                message = parse_message(graph_call(account, "GET", message_id, params={"fields": MESSAGE_FIELDS}),
+                                        conversation_id)
+            except (BadRequest, PermissionDenied, MalformedPayload) as exc:
+                log.warning("account %s: skipped message %s: %s", account.id, message_id[:40], exc)
                 continue
             if message.sender_id != account.ig_user_id:
                 found.append(message)
@@ -1186,8 +1197,8 @@ def process_instagram_message(self: Any, message_id: int) -> str:
     if claim is None:
         with session() as db:
             current = db.get(InboundMessage, message_id)
-        if current.status in FINAL_MESSAGE_STATES:
-            return current.status
+        if current is None or current.status in FINAL_MESSAGE_STATES:
+            return current.status if current else "missing"
         wait = max(1.0, ((current.claimed_until or utcnow()) - utcnow()).total_seconds() + 1)
         raise self.retry(countdown=min(wait, settings.retry_cap), max_retries=None)
     token, message = claim
@@ -1226,11 +1237,11 @@ def claim_message(message_id: int, *, reply_text: str | None = None,
                  sa.or_(InboundMessage.claimed_until.is_(None), InboundMessage.claimed_until <= now)]
         values = {}
     with session() as db:
-        taken = update_where(db, InboundMessage, [InboundMessage.id == message_id, *where],
-                             status=MessageStatus.sending, claimed_until=lease_end, claim_token=token,
-                             next_attempt_at=lease_end, **values)
+        row = db.exec(sa.update(InboundMessage).where(InboundMessage.id == message_id, *where).values(
+            status=MessageStatus.sending, claimed_until=lease_end, claim_token=token, next_attempt_at=lease_end,
+            **values).returning(InboundMessage)).first()
         db.commit()
-        return (token, db.get(InboundMessage, message_id)) if taken else None
+    return (token, InboundMessage.model_validate(row[0])) if row else None
 
 
 def look_for_sent_reply(account: Account, message: InboundMessage) -> str | None:

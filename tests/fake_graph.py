@@ -8,7 +8,8 @@ is safe to call from any thread while the server is answering requests.
 The fake follows ``/work/shared/instagram-graph-api.md``: the same paths, payload shapes, headers
 and error objects as Meta's Graph API (checked against the recorded bodies in
 ``/work/shared/ig-fixtures/``). Tokens come only as ``Authorization: Bearer <token>``; a token in the
-query string is ignored, exactly like a missing one.
+query string is ignored, exactly like a missing one (except on ``/refresh_access_token``, where Meta
+requires it there; the fake then records it in ``Call.token`` and redacts it from ``Call.query``).
 
 Usage::
 
@@ -26,13 +27,36 @@ Usage::
         assert graph.sent_messages()[0]["text"] == "thanks"
         assert graph.calls_matching("GET", "/conversations")[0].token == "tok-shop"
 
-Served endpoints (paths below ``/{version}``):
+        media_id = graph.add_media("17841400000000001", caption="new shoes")
+        comment_id = graph.add_comment(media_id, "price?", username="bob")
+        graph.add_comments(media_id, 10_000)                     # bulk seeding, fast
+        graph.set_video_processing(checks=2)                     # videos: 2 reads IN_PROGRESS
+        graph.set_publish_quota(total=50, used=49)               # one post left today
+        graph.set_insights("17841400000000001", {"reach": 120, "follower_count": 1000})
+        graph.fail_refresh("17841400000000001")                  # next token refresh: 190
+        assert graph.published_media()[0]["caption"] == "hello"
+        assert graph.comment(comment_id)["private_replies"] == ["see DM"]
+
+Served endpoints (paths below ``/{version}``; parameters may come in the query string, a form
+body or a JSON body, except ``access_token``):
 
 * ``GET  /{ig-user-id}/conversations?platform=instagram&fields=...&limit=N[&after=C][&user_id=ID]``
 * ``GET  /{conversation-id}?fields=messages`` (or ``messages{...}``, ``participants``, ...)
 * ``GET  /{message-id}?fields=id,created_time,from,to,message``
-* ``GET  /{ig-user-id}`` and ``GET /me`` (``id``, ``username``)
-* ``POST /{ig-user-id}/messages`` and ``POST /me/messages`` (Send API, text messages)
+* ``GET  /{ig-user-id}`` and ``GET /me`` (``id``, ``username``, ``followers_count``, ``media_count``)
+* ``POST /{ig-user-id}/messages`` and ``POST /me/messages`` (Send API: text messages, and private
+  replies with ``recipient: {"comment_id": ...}``)
+* ``POST /{ig-user-id}/media`` (create a container), ``GET /{container-id}?fields=status_code,status``,
+  ``POST /{ig-user-id}/media_publish?creation_id=...``,
+  ``GET /{ig-user-id}/content_publishing_limit?fields=quota_usage,config``
+* ``GET  /{ig-user-id}/media`` (newest first, stories excluded), ``GET /{ig-user-id}/stories``,
+  ``GET /{ig-media-id}?fields=...``
+* ``GET  /{ig-media-id}/comments``, ``GET /{ig-comment-id}[/replies]``,
+  ``POST /{ig-comment-id}/replies?message=...``, ``POST /{ig-comment-id}?hide=true|false``,
+  ``DELETE /{ig-comment-id}``
+* ``GET  /{ig-user-id}/insights?metric=...&period=day[&metric_type=total_value][&since=&until=]``
+* ``GET  /refresh_access_token?grant_type=ig_refresh_token&access_token=TOKEN`` (with or without the
+  version prefix; the only endpoint that reads its token from the query string)
 
 Anything else answers HTTP 400, code 100 "Unsupported get/post/... request".
 
@@ -96,6 +120,80 @@ _RATE_LIMIT_MESSAGES = {
 }
 
 _DEFAULT_APP_USAGE = {"call_count": 1, "total_cputime": 1, "total_time": 1}
+
+# Content publishing -----------------------------------------------------------------------------
+
+MAX_CAPTION_CHARS = 2200
+CAROUSEL_MIN_CHILDREN, CAROUSEL_MAX_CHILDREN = 2, 10
+#: The publishing quota counts media published through the API in this rolling window.
+PUBLISH_WINDOW = timedelta(hours=24)
+DEFAULT_PUBLISH_QUOTA = 50
+DEFAULT_MEDIA_LIMIT = 25
+#: Container kinds (``containers()[i]["kind"]``) and the media they publish as.
+CONTAINER_KINDS = ("IMAGE", "VIDEO", "REELS", "STORIES", "CAROUSEL_ITEM", "CAROUSEL")
+_MEDIA_TYPE_OF_KIND = {
+    "IMAGE": "IMAGE", "VIDEO": "VIDEO", "REELS": "REELS", "STORIES": "STORY",
+    "CAROUSEL": "CAROUSEL_ALBUM",
+}
+MEDIA_TYPES = ("IMAGE", "VIDEO", "REELS", "CAROUSEL_ALBUM", "STORY")
+_PRODUCT_TYPE_OF_MEDIA_TYPE = {
+    "IMAGE": "FEED", "VIDEO": "FEED", "CAROUSEL_ALBUM": "FEED", "REELS": "REELS", "STORY": "STORY",
+}
+_CONTAINER_STATUS_TEXT = {
+    "IN_PROGRESS": "In Progress: Media is still being processed.",
+    "FINISHED": "Finished: Media has been uploaded and it is ready to be published.",
+    "ERROR": "Error: Media upload has failed with error code 2207026",
+    "EXPIRED": "Expired: Media was not published within 24 hours of its creation.",
+    "PUBLISHED": "Published: Media has been successfully published.",
+}
+_FINAL_VIDEO_STATUSES = ("FINISHED", "ERROR", "EXPIRED")
+
+# Comments ----------------------------------------------------------------------------------------
+
+DEFAULT_COMMENTS_LIMIT = 25
+#: The comments and replies edges never answer more than 50 items per page.
+MAX_COMMENTS_LIMIT = 50
+#: Longest comment or reply the fake accepts (Instagram's caption limit).
+MAX_COMMENT_CHARS = 2200
+
+# Insights and tokens ------------------------------------------------------------------------------
+
+#: Account metrics still served: name -> (title, description), as Meta labels them.
+INSIGHT_METRICS: dict[str, tuple[str, str]] = {
+    "reach": ("Accounts reached", "The number of unique accounts that have seen your content, at "
+              "least once, including in ads."),
+    "views": ("Views", "The number of times your content was played or displayed."),
+    "accounts_engaged": ("Accounts engaged", "The number of accounts that have interacted with "
+                         "your content, including in ads."),
+    "total_interactions": ("Content interactions", "The total number of post interactions, story "
+                           "interactions, reels interactions, video interactions and live video "
+                           "interactions, including any interactions on boosted content."),
+    "likes": ("Likes", "The number of likes on your posts, reels and videos."),
+    "comments": ("Comments", "The number of comments on your posts, reels, videos and live videos."),
+    "saves": ("Saves", "The number of saves of your posts, reels and videos."),
+    "shares": ("Shares", "The number of shares of your posts, stories, reels, videos and live videos."),
+    "follows_and_unfollows": ("Follows and unfollows", "The number of accounts that followed you "
+                              "and the number of accounts that unfollowed you or left Instagram."),
+    "profile_views": ("Profile views", "The number of times your profile was visited."),
+    "follower_count": ("Follower Count", "Total number of unique accounts following this profile"),
+}
+#: Served only with metric_type=total_value (time-series profile_views is retired).
+_TOTAL_VALUE_ONLY_METRICS = {"profile_views", "follows_and_unfollows"}
+#: Always answered as a time series (``values``), whatever metric_type says.
+_TIME_SERIES_METRICS = {"follower_count"}
+#: Retired metrics (any of them fails the whole call with code 100).
+RETIRED_METRICS = frozenset({
+    "impressions", "plays", "website_clicks", "email_contacts", "phone_call_clicks",
+    "text_message_clicks", "get_directions_clicks",
+})
+#: Meta's longest since..until range for insights.
+MAX_INSIGHTS_RANGE = 30 * 86400
+#: A refreshed long-lived token lasts about 60 days.
+REFRESHED_TOKEN_EXPIRES_IN = 5183944
+#: Paths served outside the /{version} prefix too (graph.instagram.com serves it there).
+_UNVERSIONED_PATHS = {"/refresh_access_token"}
+#: What replaces a token in recorded calls (Call.query / Call.response).
+REDACTED = "[redacted]"
 
 # Realistic-looking id prefixes (what Meta's base64-ish ids start with).
 _MESSAGE_ID_PREFIX = "aWdfZAG1faXRlbToxOklHTWVzc2FnZAUlEOj"
@@ -210,6 +308,19 @@ def _invalid_param(message: str) -> GraphError:
 
 def _bad_token() -> GraphError:
     return GraphError(190, "Invalid OAuth access token - Cannot parse access token")
+
+
+def _expired_token() -> GraphError:
+    return GraphError(
+        190,
+        "Error validating access token: Session has expired. The current time is later than the "
+        "token's expiry time.",
+        subcode=463,
+    )
+
+
+def _bad_comment_text(name: str) -> GraphError:
+    return _invalid_param(f"Length of param {name} must be less than or equal to {MAX_COMMENT_CHARS}")
 
 
 def _revoked_token() -> GraphError:
@@ -343,14 +454,100 @@ class _Conversation:
 
 
 @dataclass
+class _Container:
+    """A media container (``POST /{ig-user-id}/media``)."""
+
+    id: str
+    account_id: str
+    kind: str  # one of CONTAINER_KINDS
+    urls: list[str]  # its media URL, or a carousel's children's URLs
+    caption: str
+    created: datetime
+    is_video: bool
+    children: list[str]  # CAROUSEL: child container ids
+    status_code: str  # IN_PROGRESS | FINISHED | ERROR | EXPIRED | PUBLISHED
+    status: str
+    reads_left: int = 0  # IN_PROGRESS: status reads still answered IN_PROGRESS
+    final_code: str = "FINISHED"  # IN_PROGRESS: what it becomes afterwards
+    final_status: str = ""
+    media_id: str | None = None  # PUBLISHED: the media it became
+
+
+@dataclass
+class _Comment:
+    id: str
+    media_id: str
+    seq: int
+    text: str
+    username: str
+    from_id: str
+    timestamp: datetime
+    parent_id: str | None = None
+    hidden: bool = False
+    deleted: bool = False
+    like_count: int = 0
+    replies: list["_Comment"] = field(default_factory=list)  # insertion order
+    private_replies: list[str] = field(default_factory=list)
+
+    @property
+    def sort_key(self) -> tuple[datetime, int]:
+        return (self.timestamp, self.seq)
+
+    def reply_listing(self) -> list["_Comment"]:
+        """Live replies, newest first."""
+        return sorted((r for r in self.replies if not r.deleted), key=lambda r: r.sort_key,
+                      reverse=True)
+
+
+@dataclass
+class _Media:
+    id: str
+    account_id: str
+    seq: int
+    media_type: str  # one of MEDIA_TYPES
+    caption: str
+    timestamp: datetime
+    shortcode: str
+    media_url: str
+    container_id: str | None  # None for add_media() (posted outside the API)
+    like_count: int = 0
+    comments: list[_Comment] = field(default_factory=list)  # top-level, insertion order
+    # (live top-level comments newest first, {id: index}); rebuilt after a change
+    _listing: tuple[list[_Comment], dict[str, int]] | None = field(default=None, repr=False)
+
+    @property
+    def sort_key(self) -> tuple[datetime, int]:
+        return (self.timestamp, self.seq)
+
+    @property
+    def permalink(self) -> str:
+        return f"https://www.instagram.com/p/{self.shortcode}/"
+
+    def listing(self) -> tuple[list[_Comment], dict[str, int]]:
+        if self._listing is None:
+            items = sorted((c for c in self.comments if not c.deleted), key=lambda c: c.sort_key,
+                           reverse=True)
+            self._listing = (items, {c.id: i for i, c in enumerate(items)})
+        return self._listing
+
+    def changed(self) -> None:
+        self._listing = None
+
+    def comments_count(self) -> int:
+        return sum(1 + sum(not r.deleted for r in c.replies) for c in self.listing()[0])
+
+
+@dataclass
 class _Fault:
-    kind: str  # "fail" | "delay" | "rate_limit"
+    kind: str  # "fail" | "delay" | "rate_limit" | "respond"
     remaining: int | None  # None = until clear_faults()
     method: str | None = None
     path_contains: str | None = None
     account_id: str | None = None  # rate_limit: matches calls for this account
     error: GraphError | None = None  # fail / rate_limit
     seconds: float = 0.0  # delay
+    body: Any = None  # respond: the raw body answered instead of the real one
+    status: int = 200  # respond
 
     def matches(self, method: str, path: str, account_id: str | None) -> bool:
         if self.method is not None and self.method.upper() != method:
@@ -455,6 +652,18 @@ class FakeGraph:
         self._calls: list[Call] = []
         self._app_usage: dict | None = None
         self._business_usage: dict[str, list[dict]] | None = None
+        # publishing, comments, profile, insights, tokens
+        self._containers: dict[str, _Container] = {}
+        self._media: dict[str, _Media] = {}
+        self._comments: dict[str, _Comment] = {}
+        self._people: dict[str, str] = {}  # commenter username -> their id
+        self._video_processing: tuple[int, str, str | None] = (0, "FINISHED", None)
+        self._quota_total = DEFAULT_PUBLISH_QUOTA
+        self._quota_used = 0
+        self._profiles: dict[str, dict[str, int]] = {}
+        self._insights: dict[str, dict[str, int]] = {}
+        self._refresh_failures: dict[str, int | None] = {}  # account -> refreshes left to fail
+        self._refreshed: dict[str, list[str]] = {}
 
     # --- state --------------------------------------------------------------------------------
 
@@ -565,6 +774,173 @@ class FakeGraph:
                     raise TimeoutError(f"expected {count} sent messages, got {len(found)}")
                 self._cond.wait(remaining)
 
+    # --- state: content publishing -----------------------------------------------------------
+
+    def set_video_processing(
+        self, checks: int = 0, final: str = "FINISHED", status: str | None = None
+    ) -> None:
+        """How video containers (VIDEO, REELS, video STORIES and video carousel items) created
+        AFTER this call are processed.
+
+        The first ``checks`` status reads (``GET /{container-id}`` asking for ``status_code`` or
+        ``status``) answer ``IN_PROGRESS``; right after the last of them the container becomes
+        ``final`` (FINISHED, ERROR or EXPIRED), so the next read and ``media_publish`` see it.
+        ``checks=0`` (the default): final at once. ``status`` overrides the final ``status`` text
+        (default for ERROR: "Error: Media upload has failed with error code 2207026"). Image
+        containers are always FINISHED at once. ``reset()`` restores the defaults.
+        """
+        final = final.upper()
+        if final not in _FINAL_VIDEO_STATUSES:
+            raise ValueError(f"final must be one of {_FINAL_VIDEO_STATUSES}, got {final!r}")
+        if checks < 0:
+            raise ValueError("checks must be >= 0")
+        with self._lock:
+            self._video_processing = (int(checks), final, status)
+
+    def set_publish_quota(self, total: int = 50, used: int = 0) -> None:
+        """Every account's publishing quota: ``quota_total`` = ``total`` posts per 24 h, and
+        ``quota_usage`` = media it published through the API in the last 24 h + ``used``.
+        ``media_publish`` answers code 9 subcode 2207042 once quota_usage >= quota_total."""
+        if total < 0 or used < 0:
+            raise ValueError("total and used must be >= 0")
+        with self._lock:
+            self._quota_total, self._quota_used = int(total), int(used)
+
+    def add_media(
+        self, account_ig_id: str, *, caption: str = "", timestamp: datetime | None = None,
+        media_type: str = "IMAGE",
+    ) -> str:
+        """A media the account posted (outside the API: it does not count against the publishing
+        quota). Returns its id; it is listed, readable and commentable like a published one, and
+        appears in ``published_media()`` with ``container_id`` None. ``media_type=STORY`` is
+        listed by ``/stories`` instead of ``/media``."""
+        account_ig_id = str(account_ig_id)
+        if media_type not in MEDIA_TYPES:
+            raise ValueError(f"media_type must be one of {MEDIA_TYPES}, got {media_type!r}")
+        created = _utc(timestamp) if timestamp is not None else _now()
+        with self._lock:
+            self._require_account(account_ig_id)
+            return self._new_media(account_ig_id, media_type, caption, created, None).id
+
+    def published_media(self, account_ig_id: str | None = None) -> list[dict]:
+        """Every media (published through the API or added with ``add_media``), oldest first.
+
+        Each: ``{"media_id", "container_id" (None for add_media), "caption", "media_type",
+        "time" (datetime UTC), "permalink", "account_ig_id"}``.
+        """
+        with self._lock:
+            return [
+                {"media_id": m.id, "container_id": m.container_id, "caption": m.caption,
+                 "media_type": m.media_type, "time": m.timestamp, "permalink": m.permalink,
+                 "account_ig_id": m.account_id}
+                for m in sorted(self._media.values(), key=lambda m: m.seq)
+                if account_ig_id is None or m.account_id == str(account_ig_id)
+            ]
+
+    def containers(self, account_ig_id: str | None = None) -> list[dict]:
+        """Every container created through the API, oldest first.
+
+        Each: ``{"container_id", "kind" (IMAGE, VIDEO, REELS, STORIES, CAROUSEL_ITEM, CAROUSEL),
+        "status_code", "caption", "urls" (list), "account_ig_id", "created" (datetime UTC)}``.
+        """
+        with self._lock:
+            return [
+                {"container_id": c.id, "kind": c.kind, "status_code": c.status_code,
+                 "caption": c.caption, "urls": list(c.urls), "account_ig_id": c.account_id,
+                 "created": c.created}
+                for c in self._containers.values()
+                if account_ig_id is None or c.account_id == str(account_ig_id)
+            ]
+
+    # --- state: comments ----------------------------------------------------------------------
+
+    def add_comment(
+        self, media_id: str, text: str, *, username: str = "someone", from_id: str | None = None,
+        parent_id: str | None = None, timestamp: datetime | None = None,
+    ) -> str:
+        """Someone comments on a media (or replies to comment ``parent_id`` of that media).
+        Returns the comment id.
+
+        ``from_id`` defaults to an id the fake keeps per username. Instagram threads are one level
+        deep: a reply to a reply becomes a reply to its top-level comment. Default timestamp: now.
+        """
+        created = _utc(timestamp) if timestamp is not None else _now()
+        with self._lock:
+            media, parent = self._comment_target(str(media_id), parent_id)
+            return self._new_comment(media, text, username, from_id, parent, created).id
+
+    def add_comments(
+        self, media_id: str, count: int, *, text_fn: Callable[[int], str] = lambda i: f"comment {i}",
+        username: str = "someone", from_id: str | None = None, parent_id: str | None = None,
+        timestamp: datetime | None = None,
+    ) -> list[str]:
+        """Bulk ``add_comment``: ``count`` comments with texts ``text_fn(0..count-1)``, added in that
+        order (so the last one is the newest; equal timestamps keep insertion order). Returns ids."""
+        created = _utc(timestamp) if timestamp is not None else _now()
+        with self._lock:
+            media, parent = self._comment_target(str(media_id), parent_id)
+            return [
+                self._new_comment(media, text_fn(i), username, from_id, parent, created).id
+                for i in range(count)
+            ]
+
+    def comment(self, comment_id: str) -> dict:
+        """What Instagram knows of a comment (deleted ones included); KeyError if unknown.
+
+        ``{"id", "media_id", "text", "username", "from_id", "hidden", "deleted", "parent_id",
+        "timestamp" (datetime UTC), "replies" (texts of the live replies by the media's account,
+        oldest first), "private_replies" (texts, in order)}``.
+        """
+        with self._lock:
+            c = self._comments.get(str(comment_id))
+            if c is None:
+                raise KeyError(f"unknown comment {comment_id}")
+            owner = self._media[c.media_id].account_id
+            return {
+                "id": c.id, "media_id": c.media_id, "text": c.text, "username": c.username,
+                "from_id": c.from_id, "hidden": c.hidden, "deleted": c.deleted,
+                "parent_id": c.parent_id, "timestamp": c.timestamp,
+                "replies": [r.text for r in c.replies if r.from_id == owner and not r.deleted],
+                "private_replies": list(c.private_replies),
+            }
+
+    # --- state: profile, insights, tokens -----------------------------------------------------
+
+    def set_profile(
+        self, account_ig_id: str, *, followers_count: int | None = None,
+        media_count: int | None = None,
+    ) -> None:
+        """Values of ``GET /{ig-user-id}?fields=followers_count,media_count``; None keeps the
+        current one. Defaults: followers_count 0, media_count = the account's media the fake knows
+        (stories excluded)."""
+        account_ig_id = str(account_ig_id)
+        with self._lock:
+            self._require_account(account_ig_id)
+            profile = self._profiles.setdefault(account_ig_id, {})
+            if followers_count is not None:
+                profile["followers_count"] = int(followers_count)
+            if media_count is not None:
+                profile["media_count"] = int(media_count)
+
+    def set_insights(self, account_ig_id: str, metrics: dict[str, int]) -> None:
+        """Values served by ``GET /{ig-user-id}/insights`` (merged into earlier ones). Names must be
+        served metrics (``INSIGHT_METRICS``); a metric never set has no data and is left out of
+        the answer, as Meta does."""
+        account_ig_id = str(account_ig_id)
+        unknown = set(metrics) - set(INSIGHT_METRICS)
+        if unknown:
+            raise ValueError(f"not served metrics: {sorted(unknown)}")
+        with self._lock:
+            self._require_account(account_ig_id)
+            self._insights.setdefault(account_ig_id, {}).update(
+                {name: int(value) for name, value in metrics.items()}
+            )
+
+    def refreshed_tokens(self, account_ig_id: str) -> list[str]:
+        """The tokens ``/refresh_access_token`` issued for the account, in order."""
+        with self._lock:
+            return list(self._refreshed.get(str(account_ig_id), []))
+
     # --- faults -------------------------------------------------------------------------------
 
     def fail(
@@ -608,6 +984,16 @@ class FakeGraph:
         """
         self._add_fault(
             _Fault("delay", _times(times), method, path_contains, seconds=float(seconds))
+        )
+
+    def respond(
+        self, body: Any, *, status: int = 200, times: int | None = 1, method: str | None = None,
+        path_contains: str | None = None,
+    ) -> None:
+        """Answer the next matching requests with ``body`` (any JSON value, or ``bytes`` sent
+        as they are) instead of the real answer, and without effect: for malformed payloads."""
+        self._add_fault(
+            _Fault("respond", _times(times), method, path_contains, body=body, status=status)
         )
 
     def rate_limit(
@@ -664,11 +1050,18 @@ class FakeGraph:
         with self._lock:
             self._revoked.add(token)
 
+    def fail_refresh(self, account_ig_id: str, times: int | None = 1) -> None:
+        """The next ``times`` token refreshes for that account (None = until clear_faults) answer
+        HTTP 400 code 190 subcode 463 (session expired); the token in use keeps working."""
+        with self._lock:
+            self._refresh_failures[str(account_ig_id)] = _times(times)
+
     def clear_faults(self) -> None:
-        """Drop every pending fail/delay/rate_limit fault and every token revocation."""
+        """Drop every pending fail/delay/rate_limit/fail_refresh fault and token revocation."""
         with self._lock:
             self._faults.clear()
             self._revoked.clear()
+            self._refresh_failures.clear()
 
     def _add_fault(self, fault: _Fault) -> None:
         with self._lock:
@@ -687,6 +1080,12 @@ class FakeGraph:
         query = dict(parse_qsl(raw_query, keep_blank_values=True))
         body = _parse_body(headers.get("Content-Type", ""), raw_body)
         token = _bearer_token(headers.get("Authorization"))
+        recorded_query = dict(query)
+        token_in_query = path in _UNVERSIONED_PATHS
+        if token_in_query:  # /refresh_access_token: Meta wants the token in the query string
+            token = query.get("access_token")
+            if "access_token" in recorded_query:
+                recorded_query["access_token"] = REDACTED
         req = _Request(method, path, query, body, token)
         trace_id = _trace_id()
         delay = 0.0
@@ -700,12 +1099,15 @@ class FakeGraph:
                     raise fault.error
                 if fault is not None:
                     delay = fault.seconds
-                if not versioned:
+                if fault is not None and fault.kind == "respond":
+                    status, payload = fault.status, copy.deepcopy(fault.body)
+                elif not versioned and path not in _UNVERSIONED_PATHS:
                     raise GraphError(
                         100, f"Unsupported {method.lower()} request. This fake Graph API serves "
                         f"/{self.version} only, got {raw_path}",
                     )
-                status, payload = 200, self._route(req)
+                else:
+                    status, payload = 200, self._route(req)
             except GraphError as err:
                 status, payload = err.status, err.body(trace_id)
                 extra_headers = err.headers
@@ -716,9 +1118,13 @@ class FakeGraph:
                                      is_transient=False).body(trace_id)
             response_headers = self._standard_headers(usage_account, trace_id)
             response_headers.update(extra_headers)
+            recorded_response = copy.deepcopy(payload)
+            if token_in_query and isinstance(recorded_response, dict) \
+                    and "access_token" in recorded_response:
+                recorded_response["access_token"] = REDACTED  # see refreshed_tokens()
             self._calls.append(Call(
-                method=method, path=path, query=dict(query), body=copy.deepcopy(body),
-                token=token, status=status, time=received, response=copy.deepcopy(payload),
+                method=method, path=path, query=recorded_query, body=copy.deepcopy(body),
+                token=token, status=status, time=received, response=recorded_response,
             ))
             self._cond.notify_all()
         return status, response_headers, payload, delay
@@ -757,6 +1163,12 @@ class FakeGraph:
             return self._conversations[first].account_id
         if first in self._messages:
             return self._conversations[self._messages[first].conversation_id].account_id
+        if first in self._containers:
+            return self._containers[first].account_id
+        if first in self._media:
+            return self._media[first].account_id
+        if first in self._comments:
+            return self._media[self._comments[first].media_id].account_id
         return owner.id if owner is not None else None
 
     def _take_fault(self, method: str, path: str, account_id: str | None) -> _Fault | None:
@@ -824,11 +1236,141 @@ class FakeGraph:
         self._messages[msg_id] = msg
         return msg
 
+    def _require_account(self, account_id: str) -> _Account:
+        account = self._accounts.get(account_id)
+        if account is None:
+            raise KeyError(f"unknown account {account_id}; call add_account first")
+        return account
+
+    def _numeric_id(self) -> str:
+        """A fresh numeric id like Meta's media/comment/container ids ("17889455560051444")."""
+        while True:
+            object_id = str(17_900_000_000_000_000 + next(self._ids) * 1000 + secrets.randbelow(1000))
+            if object_id not in self._accounts:
+                return object_id
+
+    def _new_container(
+        self, account_id: str, kind: str, urls: list[str], caption: str, is_video: bool,
+        children: list[str],
+    ) -> _Container:
+        container = _Container(
+            self._numeric_id(), account_id, kind, urls, caption, _now(), is_video, children,
+            "FINISHED", _CONTAINER_STATUS_TEXT["FINISHED"],
+        )
+        if is_video:
+            checks, final, status = self._video_processing
+            container.final_code = final
+            container.final_status = status or _CONTAINER_STATUS_TEXT[final]
+            container.reads_left = checks
+            if checks > 0:
+                container.status_code = "IN_PROGRESS"
+                container.status = _CONTAINER_STATUS_TEXT["IN_PROGRESS"]
+            else:
+                container.status_code, container.status = final, container.final_status
+        self._containers[container.id] = container
+        return container
+
+    def _new_media(
+        self, account_id: str, media_type: str, caption: str, created: datetime,
+        container_id: str | None,
+    ) -> _Media:
+        media_id = self._numeric_id()
+        extension = "jpg" if media_type in ("IMAGE", "CAROUSEL_ALBUM") else "mp4"
+        media = _Media(
+            media_id, account_id, next(self._ids), media_type, caption, created,
+            shortcode="C" + secrets.token_urlsafe(8)[:10],
+            media_url=f"https://scontent.cdninstagram.com/v/t51.29350-15/{media_id}_n.{extension}",
+            container_id=container_id,
+        )
+        self._media[media_id] = media
+        self._cond.notify_all()
+        return media
+
+    def _person_id(self, username: str) -> str:
+        """A stable id per commenter username (below _numeric_id's range)."""
+        person_id = self._people.get(username)
+        if person_id is None:
+            person_id = self._people[username] = str(
+                17_841_000_000_000_000 + secrets.randbelow(10**10) * 1000 + next(self._ids) % 1000
+            )
+        return person_id
+
+    def _comment_target(self, media_id: str, parent_id: str | None) -> tuple[_Media, _Comment | None]:
+        media = self._media.get(media_id)
+        if media is None:
+            raise KeyError(f"unknown media {media_id}; call add_media first")
+        if parent_id is None:
+            return media, None
+        parent = self._comments.get(str(parent_id))
+        if parent is None or parent.media_id != media_id:
+            raise KeyError(f"no comment {parent_id} on media {media_id}")
+        if parent.deleted:
+            raise ValueError(f"comment {parent_id} is deleted")
+        return media, self._comments[parent.parent_id] if parent.parent_id else parent
+
+    def _new_comment(
+        self, media: _Media, text: str, username: str, from_id: str | None,
+        parent: _Comment | None, created: datetime,
+    ) -> _Comment:
+        comment = _Comment(
+            self._numeric_id(), media.id, next(self._ids), text, username,
+            str(from_id) if from_id is not None else self._person_id(username), created,
+            parent_id=parent.id if parent is not None else None,
+        )
+        self._comments[comment.id] = comment
+        if parent is None:
+            media.comments.append(comment)
+            media.changed()
+        else:
+            parent.replies.append(comment)
+        self._cond.notify_all()
+        return comment
+
+    def _media_of(self, req: _Request, media_id: str, method: str = "GET") -> _Media:
+        """A media of the token's account; 100/33 otherwise."""
+        assert req.account is not None
+        media = self._media.get(media_id)
+        if media is None or media.account_id != req.account.id:
+            raise _no_such_object(media_id, method)
+        return media
+
+    def _comment_of(self, req: _Request, comment_id: str, method: str = "GET") -> _Comment:
+        """A live comment on a media of the token's account; 100/33 otherwise (deleted too)."""
+        assert req.account is not None
+        comment = self._comments.get(comment_id)
+        if (comment is None or comment.deleted
+                or self._media[comment.media_id].account_id != req.account.id):
+            raise _no_such_object(comment_id, method)
+        return comment
+
+    def _owns_object(self, account: _Account, object_id: str) -> bool:
+        """Whether the id names an object of the account that exists (other than a comment)."""
+        if object_id in ("me", account.id):
+            return True
+        owners = (
+            (self._conversations.get(object_id), "account_id"),
+            (self._containers.get(object_id), "account_id"),
+            (self._media.get(object_id), "account_id"),
+        )
+        if any(obj is not None and getattr(obj, attr) == account.id for obj, attr in owners):
+            return True
+        msg = self._messages.get(object_id)
+        return msg is not None and self._conversations[msg.conversation_id].account_id == account.id
+
     # --- rendering ----------------------------------------------------------------------------
 
     _MESSAGE_FIELDS = {"id", "created_time", "from", "to", "message"}
     _CONVERSATION_FIELDS = {"id", "updated_time", "messages", "participants"}
-    _ACCOUNT_FIELDS = {"id", "username"}
+    _ACCOUNT_FIELDS = {"id", "username", "followers_count", "media_count"}
+    _CONTAINER_FIELDS = {"id", "status_code", "status"}
+    _MEDIA_FIELDS = {
+        "id", "caption", "media_type", "media_product_type", "media_url", "permalink", "shortcode",
+        "timestamp", "like_count", "comments_count", "username", "owner",
+    }
+    _COMMENT_FIELDS = {
+        "id", "text", "timestamp", "username", "from", "hidden", "like_count", "parent_id",
+        "replies", "media",
+    }
 
     def _render_message(self, msg: _Message, fields: dict[str, _Field] | None) -> dict:
         if fields is None:
@@ -866,6 +1408,134 @@ class FakeGraph:
             out["messages"] = {"data": [self._render_message(m, spec.sub) for m in messages]}
         return out
 
+    def _render_account(self, account: _Account, fields: dict[str, _Field] | None) -> dict:
+        fields = fields or {"id": _Field("id"), "username": _Field("username")}
+        _check_fields(fields, self._ACCOUNT_FIELDS, "User")
+        out: dict[str, Any] = {"id": account.id}
+        if "username" in fields:
+            out["username"] = account.username
+        profile = self._profiles.get(account.id, {})
+        if "followers_count" in fields:
+            out["followers_count"] = profile.get("followers_count", 0)
+        if "media_count" in fields:
+            out["media_count"] = profile.get("media_count", sum(
+                1 for m in self._media.values()
+                if m.account_id == account.id and m.media_type != "STORY"
+            ))
+        return out
+
+    def _render_container(self, container: _Container, fields: dict[str, _Field] | None) -> dict:
+        fields = fields or {"id": _Field("id")}
+        _check_fields(fields, self._CONTAINER_FIELDS, "ShadowIGMediaBuilder")
+        out: dict[str, Any] = {"id": container.id}
+        if "status" in fields:
+            out["status"] = container.status
+        if "status_code" in fields:
+            out["status_code"] = container.status_code
+        return out
+
+    def _render_media(self, media: _Media, fields: dict[str, _Field] | None) -> dict:
+        fields = fields or {"id": _Field("id")}
+        _check_fields(fields, self._MEDIA_FIELDS, "IGMedia")
+        out: dict[str, Any] = {"id": media.id}
+        if "caption" in fields and media.caption:  # Meta leaves out an empty caption
+            out["caption"] = media.caption
+        values = {
+            "media_type": media.media_type,
+            "media_product_type": _PRODUCT_TYPE_OF_MEDIA_TYPE[media.media_type],
+            "media_url": media.media_url,
+            "permalink": media.permalink,
+            "shortcode": media.shortcode,
+            "timestamp": format_time(media.timestamp),
+            "like_count": media.like_count,
+            "username": self._accounts[media.account_id].username,
+            "owner": {"id": media.account_id},
+        }
+        for name in fields:
+            if name in values:
+                out[name] = values[name]
+            elif name == "comments_count":
+                out[name] = media.comments_count()
+        return out
+
+    def _check_comment_fields(self, fields: dict[str, _Field] | None) -> None:
+        if fields is None:
+            return
+        _check_fields(fields, self._COMMENT_FIELDS, "IGComment")
+        if "replies" in fields:
+            self._check_comment_fields(fields["replies"].sub)
+
+    def _render_comment(self, comment: _Comment, fields: dict[str, _Field] | None) -> dict:
+        """Fields checked beforehand (``_check_comment_fields``). Default: id, text, timestamp."""
+        if fields is None:
+            fields = {"timestamp": _Field("timestamp"), "text": _Field("text"), "id": _Field("id")}
+        out: dict[str, Any] = {"id": comment.id}
+        if "timestamp" in fields:
+            out["timestamp"] = format_time(comment.timestamp)
+        if "text" in fields:
+            out["text"] = comment.text
+        if "username" in fields:
+            out["username"] = comment.username
+        if "from" in fields:
+            out["from"] = {"id": comment.from_id, "username": comment.username}
+        if "hidden" in fields:
+            out["hidden"] = comment.hidden
+        if "like_count" in fields:
+            out["like_count"] = comment.like_count
+        if "parent_id" in fields and comment.parent_id is not None:  # absent on top-level ones
+            out["parent_id"] = comment.parent_id
+        if "media" in fields:
+            out["media"] = {"id": comment.media_id}
+        if "replies" in fields:  # left out when there are none, like any empty expanded edge
+            spec = fields["replies"]
+            replies = comment.reply_listing()
+            if replies:
+                limit = min(spec.limit or DEFAULT_COMMENTS_LIMIT, MAX_COMMENTS_LIMIT)
+                page = replies[:limit]
+                block: dict[str, Any] = {"data": [self._render_comment(r, spec.sub) for r in page]}
+                if len(replies) > limit:
+                    after = _cursor(page[-1].id)
+                    query = {"fields": _fields_text(spec.sub)} if spec.sub else {}
+                    query.update(limit=str(limit), after=after)
+                    block["paging"] = {
+                        "cursors": {"before": _cursor(page[0].id), "after": after},
+                        "next": f"{self.url}/{comment.id}/replies?{urlencode(query)}",
+                    }
+                out["replies"] = block
+        return out
+
+    def _paginate(
+        self, req: _Request, params: dict[str, Any], items: list, index: dict[str, int], limit: int,
+        *, cursors_on_last_page: bool,
+    ) -> tuple[list, dict | None]:
+        """One page of ``items`` (already in order; ``index`` maps their ids to positions) for
+        ``after``/``before``; the paging object (cursors, and ``next`` when more) or None.
+        ``cursors_on_last_page`` False: the last page has no paging object at all."""
+        if "after" in params:
+            start = _cursor_index(params["after"], index) + 1
+            page = items[start:start + limit]
+        elif "before" in params:
+            end = _cursor_index(params["before"], index)
+            start = max(0, end - limit)
+            page = items[start:end]
+        else:
+            start = 0
+            page = items[:limit]
+        more = start + len(page) < len(items)
+        if not page or not (more or cursors_on_last_page):
+            return page, None
+        after = _cursor(page[-1].id)
+        paging: dict[str, Any] = {"cursors": {"before": _cursor(page[0].id), "after": after}}
+        if more:
+            next_query = {
+                k: str(v) for k, v in params.items()
+                if k not in ("after", "before", "access_token") and isinstance(v, (str, int))
+            }
+            next_query["limit"] = str(limit)
+            next_query["after"] = after
+            paging["next"] = f"{self.url}{req.path}?{urlencode(next_query)}"
+        return page, paging
+
     # ------------------------------------------------------------------------------------------
     # Handlers: accounts and generic object reads
     # ------------------------------------------------------------------------------------------
@@ -875,12 +1545,7 @@ class FakeGraph:
         assert req.account is not None
         fields = _parse_fields(req.query.get("fields"))
         if object_id == "me" or object_id == req.account.id:
-            fields = fields or {"id": _Field("id"), "username": _Field("username")}
-            _check_fields(fields, self._ACCOUNT_FIELDS, "User")
-            out = {"id": req.account.id}
-            if "username" in fields:
-                out["username"] = req.account.username
-            return out
+            return self._render_account(req.account, fields)
         conv = self._conversations.get(object_id)
         if conv is not None and conv.account_id == req.account.id:
             return self._render_conversation(conv, fields)
@@ -890,7 +1555,48 @@ class FakeGraph:
             # only the 20 most recent messages can be read; older ones look deleted
             if conv.account_id == req.account.id and msg in conv.readable():
                 return self._render_message(msg, fields)
+        container = self._containers.get(object_id)
+        if container is not None and container.account_id == req.account.id:
+            return self._read_container(container, fields)
+        media = self._media.get(object_id)
+        if media is not None and media.account_id == req.account.id:
+            return self._render_media(media, fields)
+        if object_id in self._comments:
+            comment = self._comment_of(req, object_id)
+            self._check_comment_fields(fields)
+            return self._render_comment(comment, fields)
         raise _no_such_object(object_id)
+
+    def _post_object(self, req: _Request, m: re.Match) -> dict:
+        """``POST /{ig-comment-id}`` with ``hide=true|false`` (idempotent)."""
+        object_id = m["object_id"]
+        assert req.account is not None
+        if object_id not in self._comments:
+            if self._owns_object(req.account, object_id):
+                raise _unsupported_request("POST")
+            raise _no_such_object(object_id, "POST")
+        comment = self._comment_of(req, object_id, "POST")
+        hide = _bool_param(_params(req), "hide")
+        if hide is None:
+            raise _invalid_param("The parameter hide is required")
+        comment.hidden = hide
+        return {"success": True}
+
+    def _delete_object(self, req: _Request, m: re.Match) -> dict:
+        """``DELETE /{ig-comment-id}``: gone from listings, and from then on 100/33 for every
+        operation on it. Its replies go with it, as on Instagram."""
+        object_id = m["object_id"]
+        assert req.account is not None
+        if object_id not in self._comments:
+            if self._owns_object(req.account, object_id):
+                raise _unsupported_request("DELETE")
+            raise _no_such_object(object_id, "DELETE")
+        comment = self._comment_of(req, object_id, "DELETE")
+        comment.deleted = True
+        for reply in comment.replies:
+            reply.deleted = True
+        self._media[comment.media_id].changed()
+        return {"success": True}
 
     # ------------------------------------------------------------------------------------------
     # Handlers: DMs (conversations and the Send API)
@@ -941,20 +1647,21 @@ class FakeGraph:
         return out
 
     def _send_message(self, req: _Request, m: re.Match) -> dict:
+        """Send API. ``recipient: {"id": IGSID}`` sends a DM (within the messaging window);
+        ``recipient: {"comment_id": ID}`` sends a private reply to the author of a live comment
+        on the account's media (100/33 otherwise). One private reply per comment: a second one
+        answers code 10 subcode 2534023. Private replies show in ``comment()``, not in
+        ``sent_messages()``, and open no conversation in the fake."""
         account = self._account_in_path(req, m["ig_id"], "POST")
-        params: dict[str, Any] = dict(req.query)
-        if isinstance(req.body, dict):
-            params.update(req.body)
+        params = _params(req)
         recipient = _maybe_json(params.get("recipient"))
         message = _maybe_json(params.get("message"))
         if not isinstance(recipient, dict) or not recipient:
             raise _invalid_param("The parameter recipient is required")
-        if "comment_id" in recipient:
-            raise _invalid_param("Private replies (recipient.comment_id) are not served by the fake yet")
+        comment_id = recipient.get("comment_id")
         recipient_id = recipient.get("id")
-        if not isinstance(recipient_id, (str, int)) or not str(recipient_id):
+        if comment_id is None and (not isinstance(recipient_id, (str, int)) or not str(recipient_id)):
             raise _invalid_param("The parameter recipient[id] is required")
-        recipient_id = str(recipient_id)
         text = message.get("text") if isinstance(message, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise _invalid_param("The parameter message[text] is required")
@@ -962,6 +1669,9 @@ class FakeGraph:
             raise _invalid_param(
                 f"Length of param message[text] must be less than or equal to {MAX_TEXT_BYTES}"
             )
+        if comment_id is not None:
+            return self._private_reply(req, str(comment_id), text)
+        recipient_id = str(recipient_id)
 
         conv_id = self._conversation_index.get((account.id, recipient_id))
         if conv_id is None:
@@ -985,6 +1695,317 @@ class FakeGraph:
         })
         return {"recipient_id": recipient_id, "message_id": msg.id}
 
+    def _private_reply(self, req: _Request, comment_id: str, text: str) -> dict:
+        comment = self._comment_of(req, comment_id, "POST")
+        if comment.private_replies:
+            raise GraphError(
+                10, "(#10) Only one private reply can be sent for each comment.", subcode=2534023
+            )
+        comment.private_replies.append(text)
+        message_id = _MESSAGE_ID_PREFIX + _b64(
+            f"{comment.media_id}:{next(self._ids)}{secrets.randbits(64):020d}"
+        ) + "ZDZD"
+        self._cond.notify_all()
+        return {"recipient_id": comment.from_id, "message_id": message_id}
+
+    # ------------------------------------------------------------------------------------------
+    # Handlers: content publishing
+    # ------------------------------------------------------------------------------------------
+
+    def _create_container(self, req: _Request, m: re.Match) -> dict:
+        """``POST /{ig-user-id}/media``: image (``image_url``), ``media_type=REELS|VIDEO`` +
+        ``video_url``, ``media_type=STORIES`` + ``image_url`` or ``video_url``,
+        ``is_carousel_item=true`` + ``image_url`` or (``media_type=VIDEO`` +) ``video_url``, or
+        ``media_type=CAROUSEL`` + ``children`` (2-10 FINISHED carousel items of the account, else
+        100/2207028); optional ``caption`` (> 2,200 characters: 36004/2207010). Media URLs must
+        be http(s) URLs, else 9004/2207052."""
+        account = self._account_in_path(req, m["ig_id"], "POST")
+        params = _params(req)
+        media_type = (_str_param(params, "media_type") or "").upper() or None
+        image_url = _str_param(params, "image_url")
+        video_url = _str_param(params, "video_url")
+        caption = _str_param(params, "caption") or ""
+        is_item = bool(_bool_param(params, "is_carousel_item"))
+        if len(caption) > MAX_CAPTION_CHARS:
+            raise GraphError(
+                36004, f"(#36004) The caption is too long: captions are limited to "
+                f"{MAX_CAPTION_CHARS:,} characters.", subcode=2207010,
+            )
+
+        def need(url: str | None, name: str) -> list[str]:
+            if not url:
+                raise _invalid_param(f"The parameter {name} is required")
+            _check_media_url(url)
+            return [url]
+
+        children: list[str] = []
+        if is_item:
+            if media_type not in (None, "IMAGE", "VIDEO"):
+                raise _invalid_param(f"Param media_type={media_type} cannot be a carousel item")
+            is_video = media_type == "VIDEO" or (media_type is None and bool(video_url)
+                                                 and not image_url)
+            kind = "CAROUSEL_ITEM"
+            urls = need(video_url, "video_url") if is_video else need(image_url, "image_url")
+        elif media_type == "CAROUSEL":
+            kind, is_video, children = "CAROUSEL", False, _list_param(params, "children")
+            self._check_children(account, children)
+            urls = [url for child in children for url in self._containers[child].urls]
+        elif media_type in ("REELS", "VIDEO"):
+            kind, is_video, urls = media_type, True, need(video_url, "video_url")
+        elif media_type == "STORIES":
+            if bool(image_url) == bool(video_url):
+                raise _invalid_param("Stories need exactly one of image_url and video_url")
+            kind, is_video = "STORIES", bool(video_url)
+            urls = need(video_url, "video_url") if is_video else need(image_url, "image_url")
+        elif media_type in (None, "IMAGE"):
+            kind, is_video, urls = "IMAGE", False, need(image_url, "image_url")
+        else:
+            raise _invalid_param(
+                "Param media_type must be one of {CAROUSEL, REELS, STORIES, VIDEO} or omitted"
+            )
+        container = self._new_container(account.id, kind, urls, caption, is_video, children)
+        return {"id": container.id}
+
+    def _check_children(self, account: _Account, children: list[str]) -> None:
+        def invalid(why: str) -> GraphError:
+            return GraphError(100, f"(#100) Carousel validation failed: {why}", subcode=2207028)
+
+        if not CAROUSEL_MIN_CHILDREN <= len(children) <= CAROUSEL_MAX_CHILDREN:
+            raise invalid(f"a carousel needs {CAROUSEL_MIN_CHILDREN} to {CAROUSEL_MAX_CHILDREN} "
+                          f"children, got {len(children)}")
+        if len(set(children)) != len(children):
+            raise invalid("the same child is given twice")
+        for child_id in children:
+            child = self._containers.get(child_id)
+            if child is None or child.account_id != account.id or child.kind != "CAROUSEL_ITEM":
+                raise invalid(f"{child_id} is not a carousel item container of this account")
+            if child.status_code != "FINISHED":
+                raise invalid(f"carousel item {child_id} is {child.status_code}, not FINISHED")
+
+    def _read_container(self, container: _Container, fields: dict[str, _Field] | None) -> dict:
+        """A read asking for status_code or status is a status read: it counts down an
+        IN_PROGRESS video container, which becomes final right after its last IN_PROGRESS read."""
+        out = self._render_container(container, fields)
+        if fields is not None and ("status_code" in fields or "status" in fields) \
+                and container.status_code == "IN_PROGRESS":
+            container.reads_left -= 1
+            if container.reads_left <= 0:
+                container.status_code, container.status = container.final_code, container.final_status
+        return out
+
+    def _publish(self, req: _Request, m: re.Match) -> dict:
+        """``POST /{ig-user-id}/media_publish`` with ``creation_id``. Errors, in this order:
+        unknown or other account's container 100/33; carousel item 100; already PUBLISHED 100/2207006
+        (no second media); IN_PROGRESS or ERROR 9007/2207027 "Media ID is not available" (the
+        status tells why); EXPIRED 24/2207008; quota reached 9/2207042."""
+        account = self._account_in_path(req, m["ig_id"], "POST")
+        creation_id = _str_param(_params(req), "creation_id")
+        if not creation_id:
+            raise _invalid_param("The parameter creation_id is required")
+        container = self._containers.get(creation_id)
+        if container is None or container.account_id != account.id:
+            raise _no_such_object(creation_id, "POST")
+        if container.kind == "CAROUSEL_ITEM":
+            raise _invalid_param("A carousel item cannot be published on its own; publish the "
+                                 "CAROUSEL container that holds it")
+        if container.status_code == "PUBLISHED":
+            raise GraphError(100, "The media has already been published", subcode=2207006)
+        if container.status_code in ("IN_PROGRESS", "ERROR"):
+            raise GraphError(9007, "Media ID is not available", subcode=2207027)
+        if container.status_code == "EXPIRED":
+            raise GraphError(
+                24, f"Media builder expired: the media builder with creation ID {creation_id} does "
+                "not exist or has expired.", subcode=2207008,
+            )
+        if self._quota_usage(account.id) >= self._quota_total:
+            raise GraphError(
+                9, "(#9) Application request limit reached: the account reached the maximum number "
+                "of posts the Content Publishing API allows in 24 hours.", subcode=2207042,
+            )
+        media = self._new_media(
+            account.id, _MEDIA_TYPE_OF_KIND[container.kind], container.caption, _now(), container.id
+        )
+        container.status_code = "PUBLISHED"
+        container.status = _CONTAINER_STATUS_TEXT["PUBLISHED"]
+        container.media_id = media.id
+        return {"id": media.id}
+
+    def _quota_usage(self, account_id: str) -> int:
+        since = _now() - PUBLISH_WINDOW
+        return self._quota_used + sum(
+            1 for media in self._media.values()
+            if media.account_id == account_id and media.container_id is not None
+            and media.timestamp > since
+        )
+
+    def _publishing_limit(self, req: _Request, m: re.Match) -> dict:
+        account = self._account_in_path(req, m["ig_id"])
+        fields = _parse_fields(_str_param(_params(req), "fields")) or {"quota_usage": _Field("quota_usage")}
+        _check_fields(fields, {"quota_usage", "config"}, "ContentPublishingLimit")
+        item: dict[str, Any] = {}
+        if "quota_usage" in fields:
+            item["quota_usage"] = self._quota_usage(account.id)
+        if "config" in fields:
+            item["config"] = {
+                "quota_total": self._quota_total,
+                "quota_duration": int(PUBLISH_WINDOW.total_seconds()),
+            }
+        return {"data": [item]}
+
+    def _list_media(self, req: _Request, m: re.Match) -> dict:
+        """``GET /{ig-user-id}/media`` (``/stories`` for stories): newest first, cursors on every
+        non-empty page, ``next`` while there are more."""
+        account = self._account_in_path(req, m["ig_id"])
+        stories = m["edge"] == "stories"
+        params = _params(req)
+        fields = _parse_fields(_str_param(params, "fields"))
+        if fields is not None:
+            _check_fields(fields, self._MEDIA_FIELDS, "IGMedia")
+        limit = _limit_param(params, DEFAULT_MEDIA_LIMIT)
+        items = sorted(
+            (x for x in self._media.values()
+             if x.account_id == account.id and (x.media_type == "STORY") == stories),
+            key=lambda x: x.sort_key, reverse=True,
+        )
+        index = {x.id: i for i, x in enumerate(items)}
+        page, paging = self._paginate(req, params, items, index, limit, cursors_on_last_page=True)
+        out: dict[str, Any] = {"data": [self._render_media(x, fields) for x in page]}
+        if paging is not None:
+            out["paging"] = paging
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # Handlers: comments and moderation
+    # ------------------------------------------------------------------------------------------
+
+    def _list_comments(self, req: _Request, m: re.Match) -> dict:
+        """Top-level comments, newest first, at most 50 per page (default 25); the paging object
+        (cursors and ``next``) only while there are more. A cursor whose comment was deleted is
+        invalid (code 100)."""
+        media = self._media_of(req, m["object_id"])
+        params = _params(req)
+        fields = _parse_fields(_str_param(params, "fields"))
+        self._check_comment_fields(fields)
+        limit = _limit_param(params, DEFAULT_COMMENTS_LIMIT, MAX_COMMENTS_LIMIT)
+        items, index = media.listing()
+        page, paging = self._paginate(req, params, items, index, limit, cursors_on_last_page=False)
+        out: dict[str, Any] = {"data": [self._render_comment(c, fields) for c in page]}
+        if paging is not None:
+            out["paging"] = paging
+        return out
+
+    def _list_replies(self, req: _Request, m: re.Match) -> dict:
+        """Replies to a comment, newest first, paged like the comments edge."""
+        comment = self._comment_of(req, m["object_id"])
+        params = _params(req)
+        fields = _parse_fields(_str_param(params, "fields"))
+        self._check_comment_fields(fields)
+        limit = _limit_param(params, DEFAULT_COMMENTS_LIMIT, MAX_COMMENTS_LIMIT)
+        items = comment.reply_listing()
+        index = {r.id: i for i, r in enumerate(items)}
+        page, paging = self._paginate(req, params, items, index, limit, cursors_on_last_page=False)
+        out: dict[str, Any] = {"data": [self._render_comment(r, fields) for r in page]}
+        if paging is not None:
+            out["paging"] = paging
+        return out
+
+    def _reply(self, req: _Request, m: re.Match) -> dict:
+        """``POST /{ig-comment-id}/replies`` with ``message``: a reply by the account (to the
+        top-level comment when the target is itself a reply)."""
+        comment = self._comment_of(req, m["object_id"], "POST")
+        assert req.account is not None
+        text = _str_param(_params(req), "message")
+        if not text or not text.strip():
+            raise _invalid_param("The parameter message is required")
+        if len(text) > MAX_COMMENT_CHARS:
+            raise _bad_comment_text("message")
+        media = self._media[comment.media_id]
+        parent = self._comments[comment.parent_id] if comment.parent_id else comment
+        reply = self._new_comment(media, text, req.account.username, req.account.id, parent, _now())
+        return {"id": reply.id}
+
+    # ------------------------------------------------------------------------------------------
+    # Handlers: insights and tokens
+    # ------------------------------------------------------------------------------------------
+
+    def _insights(self, req: _Request, m: re.Match) -> dict:
+        """Account insights. ``metric_type=total_value`` items carry ``total_value: {value}``,
+        others ``values: [{value, end_time}]`` (``follower_count`` always so). One retired or
+        unknown metric fails the whole call with code 100; a metric without data is left out."""
+        account = self._account_in_path(req, m["ig_id"])
+        params = _params(req)
+        names = [n.strip() for n in (_str_param(params, "metric") or "").split(",") if n.strip()]
+        if not names:
+            raise _invalid_param("The parameter metric is required")
+        metric_type = _str_param(params, "metric_type") or "time_series"
+        if metric_type not in ("time_series", "total_value"):
+            raise _invalid_param("Param metric_type must be one of {time_series, total_value}")
+        total = metric_type == "total_value"
+        period = _str_param(params, "period")
+        if period is None:
+            raise _invalid_param("The parameter period is required")
+        if period != "day":
+            raise _invalid_param(f"Param period must be one of {{day}} for these metrics, got {period}")
+        since, until = _int_param(params, "since"), _int_param(params, "until")
+        if since is not None and until is not None:
+            if since > until:
+                raise _invalid_param("Param since must be before until")
+            if until - since > MAX_INSIGHTS_RANGE:
+                raise _invalid_param("There cannot be more than 30 days (2592000 s) between since "
+                                     "and until")
+        allowed = [
+            name for name in INSIGHT_METRICS if total or name not in _TOTAL_VALUE_ONLY_METRICS
+        ]
+        for i, name in enumerate(names):
+            if name not in allowed:
+                raise _invalid_param(
+                    f"metric[{i}] must be one of the following values: {', '.join(allowed)}"
+                )
+        if until is not None:
+            end_time = datetime.fromtimestamp(until, timezone.utc)
+        else:
+            end_time = _now().replace(hour=7, minute=0, second=0, microsecond=0)
+        data = []
+        values = self._insights.get(account.id, {})
+        for name in dict.fromkeys(names):
+            if name not in values:
+                continue
+            title, description = INSIGHT_METRICS[name]
+            item: dict[str, Any] = {"name": name, "period": period}
+            if total and name not in _TIME_SERIES_METRICS:
+                item["total_value"] = {"value": values[name]}
+            else:
+                item["values"] = [{"value": values[name], "end_time": format_time(end_time)}]
+            item.update(title=title, description=description,
+                        id=f"{account.id}/insights/{name}/{period}")
+            data.append(item)
+        return {"data": data}
+
+    def _refresh_token(self, req: _Request, m: re.Match) -> dict:
+        """``GET /refresh_access_token?grant_type=ig_refresh_token&access_token=TOKEN``: the token
+        comes in the query (a bearer header is not read here). The new token replaces the old one,
+        which then answers 190. ``fail_refresh`` makes it answer 190/463 instead."""
+        account = self._authenticate(req.token)
+        if req.query.get("grant_type") != "ig_refresh_token":
+            raise _invalid_param("Param grant_type must be ig_refresh_token")
+        if account.id in self._refresh_failures:
+            left = self._refresh_failures[account.id]
+            if left is not None:
+                if left <= 1:
+                    del self._refresh_failures[account.id]
+                else:
+                    self._refresh_failures[account.id] = left - 1
+            raise _expired_token()
+        assert req.token is not None
+        new_token = "IGAA" + secrets.token_urlsafe(48)
+        del self._tokens[req.token]
+        self._tokens[new_token] = account.id
+        self._refreshed.setdefault(account.id, []).append(new_token)
+        return {
+            "access_token": new_token, "token_type": "bearer",
+            "expires_in": REFRESHED_TOKEN_EXPIRES_IN,
+        }
+
 
 # ----------------------------------------------------------------------------------------------
 # Route table: (method, regex over the path without the version, handler[, needs a token]).
@@ -1002,11 +2023,27 @@ class Route(NamedTuple):
 _ID = r"[A-Za-z0-9_\-]+"
 
 ROUTES: list[Route] = [
-    # DMs
+    # tokens (the token is in the query string; the handler checks it)
+    Route("GET", re.compile(r"/refresh_access_token"), FakeGraph._refresh_token, auth=False),
+    # DMs (and private replies to comments)
     Route("GET", re.compile(rf"/(?P<ig_id>{_ID})/conversations"), FakeGraph._list_conversations),
     Route("POST", re.compile(rf"/(?P<ig_id>{_ID})/messages"), FakeGraph._send_message),
-    # generic node reads: accounts, /me, conversations, messages
+    # content publishing
+    Route("POST", re.compile(rf"/(?P<ig_id>{_ID})/media"), FakeGraph._create_container),
+    Route("POST", re.compile(rf"/(?P<ig_id>{_ID})/media_publish"), FakeGraph._publish),
+    Route("GET", re.compile(rf"/(?P<ig_id>{_ID})/content_publishing_limit"),
+          FakeGraph._publishing_limit),
+    Route("GET", re.compile(rf"/(?P<ig_id>{_ID})/(?P<edge>media|stories)"), FakeGraph._list_media),
+    # insights
+    Route("GET", re.compile(rf"/(?P<ig_id>{_ID})/insights"), FakeGraph._insights),
+    # comments and moderation
+    Route("GET", re.compile(rf"/(?P<object_id>{_ID})/comments"), FakeGraph._list_comments),
+    Route("GET", re.compile(rf"/(?P<object_id>{_ID})/replies"), FakeGraph._list_replies),
+    Route("POST", re.compile(rf"/(?P<object_id>{_ID})/replies"), FakeGraph._reply),
+    # generic nodes: accounts, /me, conversations, messages, containers, media, comments
     Route("GET", re.compile(rf"/(?P<object_id>{_ID})"), FakeGraph._get_object),
+    Route("POST", re.compile(rf"/(?P<object_id>{_ID})"), FakeGraph._post_object),  # hide
+    Route("DELETE", re.compile(rf"/(?P<object_id>{_ID})"), FakeGraph._delete_object),
 ]
 
 
@@ -1059,6 +2096,87 @@ def _maybe_json(value: Any) -> Any:
     return value
 
 
+def _params(req: _Request) -> dict[str, Any]:
+    """Parameters from the query string, with those of a form or JSON body on top."""
+    params: dict[str, Any] = dict(req.query)
+    if isinstance(req.body, dict):
+        params.update(req.body)
+    return params
+
+
+def _str_param(params: dict[str, Any], name: str) -> str | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise _invalid_param(f"Param {name} must be a string")
+
+
+def _bool_param(params: dict[str, Any], name: str) -> bool | None:
+    value = params.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0"):
+        return False
+    raise _invalid_param(f"Param {name} must be a boolean")
+
+
+def _int_param(params: dict[str, Any], name: str) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise _invalid_param(f"Param {name} must be an integer")
+
+
+def _list_param(params: dict[str, Any], name: str) -> list[str]:
+    """A list given as "a,b,c", as a JSON array string, or as a JSON array."""
+    value = params.get(name)
+    if isinstance(value, str) and value.strip().startswith("["):
+        value = _maybe_json(value)
+    if isinstance(value, list):
+        return [str(v).strip() for v in value if str(v).strip()]
+    if isinstance(value, (str, int)):
+        return [v.strip() for v in str(value).split(",") if v.strip()]
+    return []
+
+
+def _limit_param(params: dict[str, Any], default: int, maximum: int | None = None) -> int:
+    limit = _int_param(params, "limit") if "limit" in params else default
+    if limit is None or limit < 1:
+        raise _invalid_param("Param limit must be a positive integer")
+    return min(limit, maximum) if maximum is not None else limit
+
+
+def _check_media_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise GraphError(
+            9004, "Media download has failed. The media URI doesn't meet our requirements.",
+            subcode=2207052,
+        )
+
+
+def _fields_text(fields: dict[str, _Field]) -> str:
+    """The inverse of ``_parse_fields``."""
+    parts = []
+    for f in fields.values():
+        text = f.name + (f".limit({f.limit})" if f.limit is not None else "")
+        if f.sub is not None:
+            text += "{" + _fields_text(f.sub) + "}"
+        parts.append(text)
+    return ",".join(parts)
+
+
 def _cursor(item_id: str) -> str:
     return _b64(_CURSOR_PREFIX + item_id)
 
@@ -1072,6 +2190,18 @@ def _cursor_target(cursor: str, ids: list[str]) -> str:
     if target not in ids:
         raise _invalid_param("Invalid cursor")
     return target
+
+
+def _cursor_index(cursor: Any, index: dict[str, int]) -> int:
+    """The position of the item a cursor names; code 100 if it names none (deleted included)."""
+    try:
+        target = _unb64(str(cursor))
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        target = ""
+    target = target[len(_CURSOR_PREFIX):] if target.startswith(_CURSOR_PREFIX) else ""
+    if target not in index:
+        raise _invalid_param("Invalid cursor")
+    return index[target]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1157,7 +2287,7 @@ class _Handler(BaseHTTPRequestHandler):
         if delay > 0 and self.server.stopping.wait(delay):
             self.close_connection = True  # stopped while late: the answer never comes
             return
-        data = json.dumps(payload).encode("utf-8")
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode("utf-8")
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
