@@ -101,6 +101,13 @@ class Settings(BaseSettings):
     comment_poll_interval: float = 300.0
     comment_poll_max_interval: float = 1800.0
     scheduled_check_interval: float = 60.0
+    #: A post found more than this late at its first run fails as missed instead of going out.
+    publish_grace: float = 300.0
+    #: Seconds between status checks of a video container, and how many checks at most.
+    container_check_interval: float = 30.0
+    container_check_limit: int = 20
+    #: A post left queued or publishing this long past its expected time is taken up again.
+    publish_stuck_after: float = 300.0
     #: Daily analytics run at this local time (``HH:MM``) in ``timezone``.
     analytics_at: str = "00:00"
     timezone: str = "UTC"
@@ -159,7 +166,7 @@ class Settings(BaseSettings):
     @field_validator(
         "graph_timeout", "dm_poll_interval", "comment_poll_interval", "comment_poll_max_interval",
         "scheduled_check_interval", "retry_base", "retry_cap", "rate_limit_backoff",
-        "visibility_timeout",
+        "visibility_timeout", "publish_grace", "container_check_interval", "publish_stuck_after",
     )
     @classmethod
     def _check_positive(cls, value: float) -> float:
@@ -174,7 +181,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a fraction from 0 to below 1, e.g. 0.2 for ±20 %")
         return value
 
-    @field_validator("max_retries")
+    @field_validator("max_retries", "container_check_limit")
     @classmethod
     def _check_retries(cls, value: int) -> int:
         if value < 0:
@@ -217,11 +224,13 @@ class Settings(BaseSettings):
         if self.comment_poll_max_interval < self.comment_poll_interval:
             raise ValueError(
                 "INSTAQUEUE_COMMENT_POLL_MAX_INTERVAL: must not be below INSTAQUEUE_COMMENT_POLL_INTERVAL")
-        longest_wait = self.retry_cap * (1 + self.retry_jitter) + self.message_lease
+        longest_wait = max(self.retry_cap * (1 + self.retry_jitter), 2 * self.scheduled_check_interval,
+                           self.container_check_interval) + self.message_lease
         if self.redis_url and self.visibility_timeout <= longest_wait:
             raise ValueError(
-                f"INSTAQUEUE_VISIBILITY_TIMEOUT: must exceed the longest retry delay plus a claim "
-                f"lease ({longest_wait:g} s), or Redis delivers delayed tasks twice")
+                f"INSTAQUEUE_VISIBILITY_TIMEOUT: must exceed the longest delay of a task (retry, "
+                f"post ETA, container check) plus a claim lease ({longest_wait:g} s), or Redis "
+                f"delivers delayed tasks twice")
         return self
 
     @property
@@ -429,6 +438,65 @@ class InboundMessage(SQLModel, table=True):
     claim_token: str | None = Field(default=None, sa_type=sa.String(32))
     #: When this message is next expected to be worked on; long past it, the poll re-sends it.
     next_attempt_at: datetime = _timestamp(default_factory=utcnow)
+
+
+class PostKind(enum.StrEnum):
+    image = "image"
+    video = "video"  #: published as a reel shared to the feed (Instagram's only video post)
+    reel = "reel"
+    carousel = "carousel"
+    story = "story"
+
+
+class PostStatus(enum.StrEnum):
+    """scheduled → queued → publishing → published | failed | unconfirmed; cancelled by hand.
+    ``unconfirmed``: ``media_publish`` was called and its outcome is unknown; the next step
+    is to look at Instagram, never to publish again."""
+
+    scheduled = "scheduled"
+    queued = "queued"
+    publishing = "publishing"
+    published = "published"
+    failed = "failed"
+    unconfirmed = "unconfirmed"
+    cancelled = "cancelled"
+
+
+#: Post states no task changes any more.
+FINAL_POST_STATES = (PostStatus.published, PostStatus.failed, PostStatus.cancelled)
+
+
+class ScheduledPost(SQLModel, table=True):
+    __tablename__ = "scheduled_post"
+    __table_args__ = (sa.Index("ix_scheduled_post_status_publish_at", "status", "publish_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: int = Field(foreign_key="account.id", index=True, ondelete="CASCADE")
+    kind: PostKind = Field(sa_type=sa.String(20))
+    #: ``[{"type": "image"|"video", "url": "https://..."}]``: one item, or 2-10 for a carousel.
+    media: list[dict[str, str]] = Field(sa_type=sa.JSON)
+    caption: str = ""
+    publish_at: datetime = _timestamp()
+    status: PostStatus = Field(default=PostStatus.scheduled, sa_type=sa.String(20))
+    #: Carousel children's container ids, by position, stored the moment Instagram returns each.
+    child_container_ids: list[str | None] = Field(default_factory=list, sa_type=sa.JSON)
+    #: The container that gets published (the carousel parent, or the only one).
+    container_id: str | None = None
+    container_checks: int = 0
+    #: Set just before ``media_publish`` is called: from then on, look before publishing again.
+    publish_called_at: datetime | None = _timestamp(default=None)
+    media_id: str | None = None
+    permalink: str | None = None
+    published_at: datetime | None = _timestamp(default=None)
+    attempts: int = 0
+    last_error: str | None = None
+    #: When a task first picked the post up (the missed-time check applies only then).
+    started_at: datetime | None = _timestamp(default=None)
+    claimed_until: datetime | None = _timestamp(default=None)
+    claim_token: str | None = Field(default=None, sa_type=sa.String(32))
+    #: When a task is next expected to touch the post; long past it, the sweeper sends one.
+    next_attempt_at: datetime | None = _timestamp(default=None)
+    created_at: datetime = _timestamp(default_factory=utcnow)
 
 
 # Database helpers ############################################################################
@@ -904,6 +972,50 @@ def find_sent_replies(messages: Any, *, account_ig_id: str, recipient_id: str, t
     return [message_id for _, message_id in sorted(found)]
 
 
+#: Instagram's caption limits.
+MAX_CAPTION_CHARS, MAX_HASHTAGS, MAX_MENTIONS = 2200, 30, 20
+#: Children of a carousel.
+CAROUSEL_MIN, CAROUSEL_MAX = 2, 10
+_HASHTAG = re.compile(r"(?<![\w#&])#\w+")
+_MENTION = re.compile(r"(?<![\w@])@[A-Za-z0-9._]+")
+
+
+def post_problems(*, kind: str, media: list[dict[str, str]], caption: str, publish_at: datetime | None,
+                  now: datetime, grace: float) -> list[str]:
+    """Everything Instagram would refuse in a post, found before any call; empty when fine.
+    ``publish_at`` None skips the time check (a post already under way)."""
+    problems: list[str] = []
+    if kind not in PostKind.__members__:
+        return [f"unknown post kind {kind!r}"]
+    if len(caption) > MAX_CAPTION_CHARS:
+        problems.append(f"caption has {len(caption)} characters; Instagram takes at most {MAX_CAPTION_CHARS}")
+    if (tags := len(_HASHTAG.findall(caption))) > MAX_HASHTAGS:
+        problems.append(f"caption has {tags} hashtags; Instagram takes at most {MAX_HASHTAGS}")
+    if (mentions := len(_MENTION.findall(caption))) > MAX_MENTIONS:
+        problems.append(f"caption has {mentions} @mentions; Instagram takes at most {MAX_MENTIONS}")
+    if kind == PostKind.story and caption.strip():
+        problems.append("stories have no caption")
+    if kind == PostKind.carousel and not CAROUSEL_MIN <= len(media) <= CAROUSEL_MAX:
+        problems.append(f"a carousel has {CAROUSEL_MIN} to {CAROUSEL_MAX} items, not {len(media)}")
+    if kind != PostKind.carousel and len(media) != 1:
+        problems.append(f"a {kind} post has exactly one media URL, not {len(media)}")
+    wanted = {PostKind.image: {"image"}, PostKind.video: {"video"}, PostKind.reel: {"video"}}.get(
+        PostKind(kind), {"image", "video"})
+    for item in media:
+        kind_of_item, url = (item.get("type"), item.get("url")) if isinstance(item, dict) else (None, None)
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if not parts or parts.scheme != "https" or not parts.hostname or any(c.isspace() for c in url):
+            problems.append(f"media URL {str(url)[:80]!r} is not a public https:// URL")
+        elif kind_of_item not in wanted:
+            problems.append(f"a {kind} post cannot carry {kind_of_item or 'untyped'} media")
+    if publish_at is not None:
+        late = (now - publish_at).total_seconds()
+        if late > grace:
+            problems.append(f"publish time {publish_at:%Y-%m-%d %H:%M:%S %Z} is {late:.0f} s in the past "
+                            f"(more than the {grace:.0f} s grace)")
+    return problems
+
+
 # Celery app ##################################################################################
 
 #: Queues, served in this order whenever more than one has work waiting.
@@ -1304,6 +1416,365 @@ def finish_message(message_id: int, token: str, **values: Any) -> None:
         log.error("DM %s: claim was taken over before its outcome (%s) was recorded", message_id, values.get("status"))
 
 
+#: Posts one check queues at most; the rest wait for the next check.
+CHECK_BATCH = 500
+#: A post's task that runs this much before the post's time was sent for an older time.
+EARLY_TOLERANCE = timedelta(seconds=1)
+#: Clock difference allowed when matching our post to Instagram's media timestamps.
+MEDIA_MATCH_SKEW = timedelta(minutes=2)
+#: Instagram's codes for "the container is not ready yet" and "publishing quota reached".
+NOT_READY = (9007, 2207027)
+QUOTA_REACHED = (9, 2207042)
+#: Subcode of "this container was published already".
+ALREADY_PUBLISHED_SUBCODE = 2207006
+
+
+@app.task(name="instaqueue.check_scheduled_posts", ignore_result=True)
+def check_scheduled_posts() -> int:
+    """Queue every post due before the next check, each with an ETA at its own second, and
+    send a task again for posts stuck in queued, publishing or unconfirmed."""
+    now = utcnow()
+    horizon = now + timedelta(seconds=1.5 * settings.scheduled_check_interval)
+    claimed = claim_due_posts(horizon)
+    for post_id, publish_at in claimed:
+        publish_scheduled_post.apply_async((post_id,), eta=max(publish_at, now))
+    stuck = take_stuck_posts(now)
+    for post_id in stuck:
+        publish_scheduled_post.delay(post_id)
+    if claimed or stuck:
+        log.info("scheduled posts: %d queued, %d stuck taken up again", len(claimed), len(stuck))
+    return len(claimed)
+
+
+def claim_due_posts(horizon: datetime) -> list[tuple[int, datetime]]:
+    """Move posts due before ``horizon`` from scheduled to queued in one statement. Racing
+    checks never claim a post twice: PostgreSQL skips rows another check has locked, and the
+    status guard makes the UPDATE itself conditional (all SQLite needs)."""
+    due = (select(ScheduledPost.id)
+           .where(ScheduledPost.status == PostStatus.scheduled, ScheduledPost.publish_at <= horizon)
+           .order_by(ScheduledPost.publish_at).limit(CHECK_BATCH).with_for_update(skip_locked=True))
+    with session() as db:
+        rows = db.exec(sa.update(ScheduledPost)
+                       .where(ScheduledPost.id.in_(due.scalar_subquery()),
+                              ScheduledPost.status == PostStatus.scheduled)
+                       .values(status=PostStatus.queued, next_attempt_at=ScheduledPost.publish_at)
+                       .returning(ScheduledPost.id, ScheduledPost.publish_at)).all()
+        db.commit()
+    return [(row[0], row[1]) for row in rows]
+
+
+def take_stuck_posts(now: datetime) -> list[int]:
+    """Posts that no task has touched long after it was expected (a lost message, a killed
+    worker past Redis's redelivery); due again from now. Their task reconciles first."""
+    cutoff = now - timedelta(seconds=settings.publish_stuck_after)
+    with session() as db:
+        ids = db.exec(select(ScheduledPost.id).where(
+            ScheduledPost.status.in_([PostStatus.queued, PostStatus.publishing, PostStatus.unconfirmed]),
+            ScheduledPost.next_attempt_at < cutoff,
+            sa.or_(ScheduledPost.claimed_until.is_(None), ScheduledPost.claimed_until < now),
+        ).limit(CHECK_BATCH)).all()
+        if ids:
+            update_where(db, ScheduledPost, [ScheduledPost.id.in_(ids)], next_attempt_at=now)
+            db.commit()
+            log.warning("scheduled posts %s were stuck; taking them up again", list(ids))
+    return list(ids)
+
+
+class _Wait(Exception):
+    """Come back later without counting a failure: quota, or a container still processing."""
+
+    def __init__(self, seconds: float, reason: str) -> None:
+        super().__init__(reason)
+        self.seconds = seconds
+
+
+class _Fail(Exception):
+    """The post cannot go out; the message says why."""
+
+
+@app.task(name="instaqueue.publish_scheduled_post", bind=True, max_retries=settings.max_retries,
+          acks_late=True, reject_on_worker_lost=True)
+def publish_scheduled_post(self: Any, post_id: int) -> str:
+    """Publish one post exactly once, at its time.
+
+    Every container id is stored the moment Instagram returns it, so a retry reuses it.
+    ``media_publish`` is called at most once per container: a timeout or an ambiguous error
+    after the call marks the post unconfirmed, and the next run first looks at Instagram
+    (the container's status, then the account's recent media); only a post proven
+    unpublished is published again. Waiting for quota or video processing re-schedules the
+    task; it never sleeps in a worker slot.
+    """
+    with session() as db:
+        post = db.get(ScheduledPost, post_id)
+        account = db.get(Account, post.account_id) if post else None
+    if post is None or account is None:
+        log.warning("scheduled post %s is not in the database; nothing to do", post_id)
+        return "missing"
+    if post.status in FINAL_POST_STATES or post.status == PostStatus.scheduled:
+        return post.status  # done, cancelled, or rescheduled (a check queues it again)
+    if post.publish_at - utcnow() > EARLY_TOLERANCE:
+        return "not due"  # rescheduled later while queued: the task for the new time comes
+    claim = claim_post(post_id)
+    if claim is None:
+        with session() as db:
+            current = db.get(ScheduledPost, post_id)
+        if current is None or current.status in FINAL_POST_STATES or current.status == PostStatus.scheduled:
+            return current.status if current else "missing"
+        wait = max(1.0, ((current.claimed_until or utcnow()) - utcnow()).total_seconds() + 1)
+        raise self.retry(countdown=min(wait, settings.retry_cap), max_retries=None)
+    token, post, first_run = claim
+    published_called = False
+    try:
+        if account.state != AccountState.active:
+            raise _Fail(f"account @{account.username} needs re-authorisation")
+        problems = post_problems(kind=post.kind, media=post.media, caption=post.caption,
+                                 publish_at=post.publish_at if first_run else None, now=utcnow(),
+                                 grace=settings.publish_grace)
+        if problems:
+            raise _Fail("; ".join(problems))
+        if post.publish_called_at and not post.media_id:
+            if reconcile_post(account, post, token):
+                return PostStatus.published
+        check_publishing_quota(account)
+        container_id = ensure_containers(account, post, token)
+        published_called = True
+        mark_post(post.id, token, publish_called_at=utcnow())
+        try:
+            answer = graph_call(account, "POST", f"{account.ig_user_id}/media_publish",
+                                params={"creation_id": container_id})
+        except TransientError:
+            raise  # a timeout or 5xx after the call: it may have gone through; look next time
+        except GraphAPIError as exc:
+            if exc.subcode == ALREADY_PUBLISHED_SUBCODE and reconcile_post(account, post, token):
+                return PostStatus.published
+            mark_post(post.id, token, publish_called_at=None)  # refused outright: not published
+            published_called = False
+            if (exc.code, exc.subcode) == NOT_READY:
+                raise _Wait(settings.container_check_interval, f"container not ready: {exc}") from None
+            if (exc.code, exc.subcode) == QUOTA_REACHED:
+                raise _Wait(settings.retry_cap, f"publishing limit reached: {exc}") from None
+            raise
+        media_id = answer.get("id") if isinstance(answer.get("id"), str) else None
+        record_published(account, post.id, token, media_id)
+        return PostStatus.published
+    except _Wait as wait:
+        return wait_for_post(self, post, token, wait)
+    except _Fail as exc:
+        finish_post(post.id, token, status=PostStatus.failed, last_error=str(exc))
+        return PostStatus.failed
+    except (TransientError, RateLimited) as exc:
+        return retry_post_later(self, post, token, exc, unconfirmed=published_called)
+    except (GraphAPIError, AccountUnavailable) as exc:
+        status = PostStatus.unconfirmed if published_called else PostStatus.failed
+        finish_post(post.id, token, status=status, last_error=str(exc))
+        return status
+
+
+def claim_post(post_id: int) -> tuple[str, ScheduledPost, bool] | None:
+    """Take a queued or unconfirmed post, or one whose publishing claim ran out. Returns the
+    claim token, the claimed row and whether this is the post's first run."""
+    now, token = utcnow(), secrets.token_hex(8)
+    lease_end = now + timedelta(seconds=settings.message_lease)
+    with session() as db:
+        row = db.exec(sa.update(ScheduledPost).where(
+            ScheduledPost.id == post_id,
+            sa.or_(ScheduledPost.status.in_([PostStatus.queued, PostStatus.unconfirmed]),
+                   sa.and_(ScheduledPost.status == PostStatus.publishing,
+                           sa.or_(ScheduledPost.claimed_until.is_(None), ScheduledPost.claimed_until <= now))),
+        ).values(status=PostStatus.publishing, claimed_until=lease_end, claim_token=token, next_attempt_at=lease_end,
+                 started_at=sa.func.coalesce(ScheduledPost.started_at, now))
+          .returning(ScheduledPost)).first()
+        db.commit()
+    if row is None:
+        return None
+    post = ScheduledPost.model_validate(row[0])
+    return token, post, post.started_at == now
+
+
+def check_publishing_quota(account: Account) -> None:
+    """Wait (not fail) when the account's rolling 24-hour publishing quota is used up."""
+    answer = graph_call(account, "GET", f"{account.ig_user_id}/content_publishing_limit",
+                        params={"fields": "quota_usage,config"})
+    data = answer.get("data")
+    item = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
+    config = item.get("config") if isinstance(item.get("config"), dict) else {}
+    usage, total = _as_int(item.get("quota_usage")), _as_int(config.get("quota_total"))
+    if usage is not None and total is not None and usage >= total:
+        raise _Wait(settings.retry_cap, f"publishing limit reached ({usage} of {total} in 24 h)")
+
+
+def ensure_containers(account: Account, post: ScheduledPost, token: str) -> str:
+    """Create what is missing of the post's containers, storing each id at once, and return
+    the container to publish once every video in it has finished processing."""
+    has_video = any(item["type"] == "video" for item in post.media)
+    if post.kind == PostKind.carousel:
+        children = list(post.child_container_ids) + [None] * (len(post.media) - len(post.child_container_ids))
+        for index, item in enumerate(post.media):
+            if children[index] is None:
+                children[index] = create_container(account, {"is_carousel_item": "true", **_media_params(item)})
+                mark_post(post.id, token, child_container_ids=list(children))
+        for index, item in enumerate(post.media):
+            if item["type"] == "video":
+                wait_until_finished(account, post, token, children[index])
+        if post.container_id is None:
+            post.container_id = create_container(account, {
+                "media_type": "CAROUSEL", "children": ",".join(children), "caption": post.caption})
+            mark_post(post.id, token, container_id=post.container_id)
+        return post.container_id
+    if post.container_id is None:
+        item = post.media[0]
+        params = _media_params(item)
+        if post.kind == PostKind.story:
+            params["media_type"] = "STORIES"
+        else:
+            params["caption"] = post.caption
+            if item["type"] == "video":
+                params.update(media_type="REELS", share_to_feed="true" if post.kind == PostKind.video else "false")
+        post.container_id = create_container(account, params)
+        mark_post(post.id, token, container_id=post.container_id)
+    if has_video:
+        wait_until_finished(account, post, token, post.container_id)
+    return post.container_id
+
+
+def create_container(account: Account, params: dict[str, str]) -> str:
+    answer = graph_call(account, "POST", f"{account.ig_user_id}/media", params=params)
+    container_id = answer.get("id")
+    if not isinstance(container_id, str) or not container_id:
+        raise TransientError("Instagram answered a container creation without an id")
+    return container_id
+
+
+def wait_until_finished(account: Account, post: ScheduledPost, token: str, container_id: str) -> None:
+    """Return when the container is FINISHED; wait (re-scheduling the task) while it is
+    IN_PROGRESS; fail with Instagram's reason on ERROR or EXPIRED."""
+    code, detail = container_status(account, container_id)
+    if code in ("FINISHED", "PUBLISHED"):
+        return
+    if code in ("ERROR", "EXPIRED"):
+        raise _Fail(f"Instagram could not process the media ({code}): {detail or 'no reason given'}")
+    post.container_checks += 1
+    mark_post(post.id, token, container_checks=post.container_checks)
+    if post.container_checks > settings.container_check_limit:
+        raise _Fail(f"the media was still processing after {settings.container_check_limit} checks")
+    raise _Wait(settings.container_check_interval, f"container {container_id} is {code or 'not ready'}")
+
+
+def container_status(account: Account, container_id: str) -> tuple[str | None, str | None]:
+    answer = graph_call(account, "GET", container_id, params={"fields": "status_code,status"})
+    code, detail = answer.get("status_code"), answer.get("status")
+    return (code if isinstance(code, str) else None), (detail if isinstance(detail, str) else None)
+
+
+def reconcile_post(account: Account, post: ScheduledPost, token: str) -> bool:
+    """After an unconfirmed ``media_publish``: find out whether the post went live. True when it
+    did (and it is recorded); False when it is proven unpublished (and may be published);
+    a failure to find out is raised, leaving the post unconfirmed."""
+    code, _ = container_status(account, post.container_id) if post.container_id else (None, None)
+    if code in ("FINISHED", "IN_PROGRESS"):
+        mark_post(post.id, token, publish_called_at=None)
+        log.info("post %s: container %s is %s, so it was not published; publishing", post.id, post.container_id, code)
+        return False
+    media_id = find_published_media(account, post)
+    if media_id or code == "PUBLISHED":
+        log.info("post %s: found published on Instagram (%s); not publishing again", post.id, media_id or code)
+        record_published(account, post.id, token, media_id)
+        return True
+    raise TransientError(f"could not confirm whether post {post.id} was published (container {code or 'unknown'})")
+
+
+def find_published_media(account: Account, post: ScheduledPost) -> str | None:
+    """The account's recent media that matches the post by caption and time, not recorded
+    for another post."""
+    answer = graph_call(account, "GET", f"{account.ig_user_id}/media",
+                        params={"fields": "id,caption,timestamp,permalink,media_type", "limit": 25})
+    not_before = (post.publish_called_at or post.publish_at) - MEDIA_MATCH_SKEW
+    candidates = []
+    for item in answer.get("data") if isinstance(answer.get("data"), list) else []:
+        try:
+            when = parse_graph_time(item.get("timestamp")) if isinstance(item, dict) else None
+        except MalformedPayload:
+            continue
+        if when and when >= not_before and (item.get("caption") or "") == post.caption and isinstance(item.get("id"), str):
+            candidates.append(item["id"])
+    if not candidates:
+        return None
+    with session() as db:
+        taken = set(db.exec(select(ScheduledPost.media_id).where(ScheduledPost.media_id.in_(candidates))).all())
+    return next((c for c in candidates if c not in taken), None)
+
+
+def record_published(account: Account, post_id: int, token: str, media_id: str | None) -> None:
+    """Record the outcome; the permalink and Instagram's time are best effort."""
+    permalink, published_at = None, utcnow()
+    if media_id:
+        try:
+            answer = graph_call(account, "GET", media_id, params={"fields": "permalink,timestamp"})
+            permalink = answer.get("permalink") if isinstance(answer.get("permalink"), str) else None
+            published_at = parse_graph_time(answer.get("timestamp"))
+        except (GraphAPIError, MalformedPayload, AccountUnavailable) as exc:
+            log.warning("post %s published as %s; its permalink could not be read: %s", post_id, media_id, exc)
+    finish_post(post_id, token, status=PostStatus.published, media_id=media_id, permalink=permalink,
+                published_at=published_at, last_error=None)
+
+
+def wait_for_post(task: Any, post: ScheduledPost, token: str, wait: _Wait) -> str:
+    """Come back after ``wait.seconds`` without counting a failure."""
+    with session() as db:
+        update_where(db, ScheduledPost, [ScheduledPost.id == post.id, ScheduledPost.claim_token == token],
+                     status=PostStatus.queued, claimed_until=None, last_error=str(wait)[:1000],
+                     next_attempt_at=utcnow() + timedelta(seconds=wait.seconds))
+        db.commit()
+    log.info("post %s: %s; checking again in %.0f s", post.id, wait, wait.seconds)
+    raise task.retry(countdown=wait.seconds, max_retries=None)
+
+
+def retry_post_later(task: Any, post: ScheduledPost, token: str, exc: GraphAPIError, *, unconfirmed: bool) -> str:
+    """The shared retry policy for a post. After the retries, a post whose publish call may
+    have gone through stays unconfirmed (the sweeper looks again); any other fails."""
+    failures = post.attempts + (0 if isinstance(exc, RateLimited) else 1)
+    if isinstance(exc, RateLimited):
+        delay: float | None = min(max(exc.retry_after or settings.rate_limit_backoff, 1.0), settings.retry_cap)
+    else:
+        delay = next_retry_delay(failures)
+    status = PostStatus.unconfirmed if unconfirmed else PostStatus.queued
+    if delay is None:
+        finish_post(post.id, token, status=PostStatus.unconfirmed if unconfirmed else PostStatus.failed,
+                    attempts=failures, last_error=f"gave up after {failures} attempts: {exc}")
+        return PostStatus.unconfirmed if unconfirmed else PostStatus.failed
+    with session() as db:
+        update_where(db, ScheduledPost, [ScheduledPost.id == post.id, ScheduledPost.claim_token == token],
+                     status=status, claimed_until=None, attempts=failures, last_error=str(exc)[:1000],
+                     next_attempt_at=utcnow() + timedelta(seconds=delay))
+        db.commit()
+    log.info("post %s: %s; retry %d in %.1f s", post.id, exc, failures, delay)
+    raise task.retry(countdown=delay, max_retries=None, exc=exc)
+
+
+def mark_post(post_id: int, token: str, **values: Any) -> None:
+    """Store progress (a container id, the publish call) at once, while our claim holds."""
+    with session() as db:
+        update_where(db, ScheduledPost, [ScheduledPost.id == post_id, ScheduledPost.claim_token == token], **values)
+        db.commit()
+
+
+def finish_post(post_id: int, token: str, **values: Any) -> None:
+    if isinstance(values.get("last_error"), str):
+        values["last_error"] = values["last_error"][:1000]
+    with session() as db:
+        done = update_where(db, ScheduledPost, [ScheduledPost.id == post_id, ScheduledPost.claim_token == token],
+                            claimed_until=None, next_attempt_at=None, **values)
+        db.commit()
+    if not done:
+        log.error("post %s: claim was taken over before its outcome (%s) was recorded", post_id, values.get("status"))
+
+
+def _media_params(item: dict[str, str]) -> dict[str, str]:
+    if item["type"] == "video":
+        return {"video_url": item["url"], "media_type": "VIDEO"}
+    return {"image_url": item["url"]}
+
+
 @app.task(name="instaqueue.noop")
 def noop(value: Any = None) -> Any:
     """Does nothing: the baseline for benchmarks and a probe of the queue path."""
@@ -1318,7 +1789,19 @@ app.conf.beat_schedule = {
         "schedule": settings.dm_poll_interval,
         "options": {"expires": dm_poll_expiry()},
     },
+    "check-scheduled-posts": {
+        "task": "instaqueue.check_scheduled_posts",
+        "schedule": settings.scheduled_check_interval,
+        "options": {"expires": settings.scheduled_check_interval},
+    },
 }
+
+
+@signals.beat_init.connect
+def _check_posts_at_start(**_: Any) -> None:
+    """Beat's first interval run comes one interval after start: a post due in the first
+    minute after a deploy would go out late. Check once right away."""
+    check_scheduled_posts.apply_async()
 
 
 # CLI #########################################################################################
@@ -1364,6 +1847,26 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--reply", required=True, type=_reply_text)
     listing = rules.add_parser("list", help="reply rules")
     listing.add_argument("--account", type=_positive_int)
+
+    posts = commands.add_parser("posts", help="scheduled posts").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    schedule = posts.add_parser("schedule", help="schedule a post; several --image-url/--video-url make a carousel")
+    schedule.add_argument("--account", required=True, type=_positive_int, help="account id (see accounts list)")
+    schedule.add_argument("--at", required=True, type=_moment, help="ISO 8601; without an offset, in INSTAQUEUE_TIMEZONE")
+    schedule.add_argument("--image-url", action="append", default=[], metavar="URL")
+    schedule.add_argument("--video-url", action="append", default=[], metavar="URL")
+    shape = schedule.add_mutually_exclusive_group()
+    shape.add_argument("--reel", action="store_true", help="publish the one video as a reel (not shared to the feed)")
+    shape.add_argument("--story", action="store_true", help="publish the one image or video as a story")
+    schedule.add_argument("--caption", default="")
+    listing = posts.add_parser("list", help="scheduled posts, soonest first")
+    listing.add_argument("--status", choices=[s.value for s in PostStatus])
+    listing.add_argument("--account", type=_positive_int)
+    cancel = posts.add_parser("cancel", help="never publish this post")
+    cancel.add_argument("id", type=_positive_int)
+    reschedule = posts.add_parser("reschedule", help="move a post to another time (also retries a failed one)")
+    reschedule.add_argument("id", type=_positive_int)
+    reschedule.add_argument("--at", required=True, type=_moment)
     return parser
 
 
@@ -1449,9 +1952,89 @@ def _cmd_rules(args: argparse.Namespace) -> int:
 #: Commands that start a Celery program; arguments we do not know are passed on to it.
 _CELERY_COMMANDS = ("worker", "run", "beat", "flower")
 
+def _cmd_posts(args: argparse.Namespace) -> int:
+    create_tables()
+    now = utcnow()
+    if args.action == "schedule":
+        media = [{"type": "image", "url": u} for u in args.image_url] + [{"type": "video", "url": u} for u in args.video_url]
+        if not media:
+            raise CommandError("give the media: --image-url URL (several for a carousel) or --video-url URL")
+        kind = (PostKind.story if args.story else PostKind.carousel if len(media) > 1
+                else PostKind.reel if args.reel else PostKind(media[0]["type"]))
+        if args.reel and media[0]["type"] != "video":
+            raise CommandError("--reel needs exactly one --video-url")
+        problems = post_problems(kind=kind, media=media, caption=args.caption, publish_at=args.at, now=now, grace=0)
+        if problems:
+            raise CommandError("; ".join(problems))
+        with session() as db:
+            if db.get(Account, args.account) is None:
+                raise CommandError(f"no account with id {args.account} (see: instaqueue accounts list)")
+            post = ScheduledPost(account_id=args.account, kind=kind, media=media, caption=args.caption, publish_at=args.at)
+            db.add(post)
+            db.commit()
+        print(f"post {post.id} scheduled: {kind} for account {post.account_id} at {_when(post.publish_at)}")
+        _check_posts_now(post.publish_at)
+        return 0
+    if args.action == "list":
+        with session() as db:
+            query = select(ScheduledPost).order_by(ScheduledPost.publish_at, ScheduledPost.id)
+            if args.status:
+                query = query.where(ScheduledPost.status == args.status)
+            if args.account:
+                query = query.where(ScheduledPost.account_id == args.account)
+            rows = db.exec(query).all()
+        _print_table(["id", "account", "kind", "publish_at", "status", "attempts", "media", "last_error"],
+                     [[p.id, p.account_id, p.kind, _when(p.publish_at), p.status, p.attempts,
+                       p.permalink or p.media_id or "-", (p.last_error or "-")[:80]] for p in rows])
+        return 0
+    with session() as db:
+        post = db.get(ScheduledPost, args.id)
+    if post is None:
+        raise CommandError(f"no post with id {args.id} (see: instaqueue posts list)")
+    if args.action == "cancel":
+        movable = [PostStatus.scheduled, PostStatus.queued, PostStatus.failed]
+        values: dict[str, Any] = dict(status=PostStatus.cancelled, next_attempt_at=None)
+    else:
+        if (problems := post_problems(kind=post.kind, media=post.media, caption=post.caption, publish_at=args.at,
+                                      now=now, grace=0)):
+            raise CommandError("; ".join(problems))
+        movable = [PostStatus.scheduled, PostStatus.queued, PostStatus.failed]
+        values = dict(status=PostStatus.scheduled, publish_at=args.at, attempts=0, last_error=None, started_at=None,
+                      container_id=None, child_container_ids=[], container_checks=0, next_attempt_at=None)
+    with session() as db:
+        # Conditional on the state, and never while a task holds the post: a queued post's
+        # task finds it scheduled (or cancelled) and does nothing.
+        changed = update_where(db, ScheduledPost, [
+            ScheduledPost.id == args.id, ScheduledPost.status.in_(movable),
+            sa.or_(ScheduledPost.claimed_until.is_(None), ScheduledPost.claimed_until < now)], **values)
+        db.commit()
+    if not changed:
+        with session() as db:
+            post = db.get(ScheduledPost, args.id)
+        raise CommandError(f"post {args.id} is {post.status}; only a scheduled, queued or failed post can be "
+                           f"{'cancelled' if args.action == 'cancel' else 'rescheduled'}")
+    if args.action == "cancel":
+        print(f"post {args.id} cancelled")
+    else:
+        print(f"post {args.id} rescheduled to {_when(args.at)}")
+        _check_posts_now(args.at)
+    return 0
+
+
+def _check_posts_now(publish_at: datetime) -> None:
+    """A post due before the next periodic check is queued right away."""
+    if publish_at - utcnow() > timedelta(seconds=settings.scheduled_check_interval):
+        return
+    try:
+        check_scheduled_posts.apply_async(retry=False)
+    except Exception as exc:  # the broker is down: the periodic check will queue it
+        print(f"note: could not reach the broker ({type(exc).__name__}); the next check will queue the post",
+              file=sys.stderr)
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "worker": _cmd_celery, "run": _cmd_celery, "beat": _cmd_celery, "flower": _cmd_celery,
-    "initdb": _cmd_initdb, "accounts": _cmd_accounts, "rules": _cmd_rules,
+    "initdb": _cmd_initdb, "accounts": _cmd_accounts, "rules": _cmd_rules, "posts": _cmd_posts,
 }
 
 #: Longest reply the Send API takes for a text message, in bytes.
@@ -1475,6 +2058,15 @@ def _token(value: str) -> str:
     if not value.strip() or any(ch.isspace() for ch in value.strip()):
         raise argparse.ArgumentTypeError("the access token is empty or contains spaces")
     return value.strip()
+
+
+def _moment(value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time such as 2026-12-01T09:30:00+01:00, "
+                                         f"got {value[:40]!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=settings.zone)
 
 
 def _positive_int(value: str) -> int:

@@ -27,11 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 from fake_graph import FakeGraph  # noqa: E402
 from services import Service, provide_postgres, provide_redis  # noqa: E402
 
-#: Settings every test process runs with: the retry schedule scaled down (base 0.5 s, cap 2 s)
-#: and a short Graph timeout, so that a claim lease and Redis's redelivery fit in a test.
+#: Settings every test process runs with: the retry schedule scaled down (base 0.5 s, cap 2 s),
+#: a short Graph timeout, scheduled posts checked every second, so that a claim lease and
+#: Redis's redelivery fit in a test.
 TEST_SETTINGS = {
     "INSTAQUEUE_RETRY_BASE": "0.5",
     "INSTAQUEUE_RETRY_CAP": "2",
+    "INSTAQUEUE_SCHEDULED_CHECK_INTERVAL": "1",
+    "INSTAQUEUE_CONTAINER_CHECK_INTERVAL": "0.5",
+    "INSTAQUEUE_PUBLISH_STUCK_AFTER": "4",
     "INSTAQUEUE_GRAPH_TIMEOUT": "1.5",
     "INSTAQUEUE_VISIBILITY_TIMEOUT": "12",
     "INSTAQUEUE_RATE_LIMIT_BACKOFF": "3",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import pytest
@@ -177,3 +177,59 @@ def test_sent_reply_is_found_only_for_that_recipient_text_and_time():
     assert found == ["m5"]
     assert instaqueue.find_sent_replies("junk", account_ig_id=ACCOUNT, recipient_id="900", text="x",
                                         not_before=since) == []
+
+
+# Post validation ##########################################################################
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+IMG = {"type": "image", "url": "https://cdn.example.com/a.jpg"}
+VID = {"type": "video", "url": "https://cdn.example.com/a.mp4"}
+
+
+def problems(kind="image", media=(IMG,), caption="", publish_at=NOW):
+    return instaqueue.post_problems(kind=kind, media=list(media), caption=caption, publish_at=publish_at,
+                                    now=NOW, grace=300)
+
+
+def test_a_good_post_has_no_problems():
+    assert problems() == []
+    assert problems("carousel", [IMG, VID, IMG], caption="#a #b @c hi") == []
+    assert problems("reel", [VID]) == problems("story", [VID]) == problems("story", [IMG]) == []
+
+
+@pytest.mark.parametrize("args, says", [
+    (dict(caption="x" * 2201), "2201 characters"),
+    (dict(caption=" ".join(f"#t{i}" for i in range(31))), "31 hashtags"),
+    (dict(caption=" ".join(f"@u{i}" for i in range(21))), "21 @mentions"),
+    (dict(kind="carousel", media=[IMG]), "2 to 10 items, not 1"),
+    (dict(kind="carousel", media=[IMG] * 11), "2 to 10 items, not 11"),
+    (dict(media=[IMG, IMG]), "exactly one media URL"),
+    (dict(media=[{"type": "image", "url": "http://cdn.example.com/a.jpg"}]), "not a public https:// URL"),
+    (dict(media=[{"type": "image", "url": "https:///nohost"}]), "not a public https:// URL"),
+    (dict(kind="reel", media=[IMG]), "cannot carry image media"),
+    (dict(kind="story", caption="hello"), "stories have no caption"),
+    (dict(publish_at=NOW - timedelta(seconds=301)), "301 s in the past"),
+    (dict(kind="gif"), "unknown post kind"),
+])
+def test_each_rule_rejects_with_a_reason(args, says):
+    found = problems(**args)
+    assert found and any(says in p for p in found), found
+
+
+def test_emails_and_html_entities_are_not_mentions_or_hashtags():
+    assert problems(caption=" ".join(["me@example.com"] * 25 + ["&#39;"] * 35)) == []
+
+
+@hsettings(max_examples=300)
+@given(kind=st.sampled_from(["image", "video", "reel", "carousel", "story", "x"]),
+       media=st.lists(st.fixed_dictionaries({"type": st.sampled_from(["image", "video", "gif"]),
+                                             "url": st.one_of(st.text(max_size=30),
+                                                              st.builds(lambda h: f"https://{h}/a.jpg",
+                                                                        st.from_regex(r"[a-z]{1,10}\.com", fullmatch=True)))}),
+                      max_size=12),
+       caption=st.text(max_size=2500), late=st.floats(min_value=-1e6, max_value=1e6))
+def test_validation_never_crashes_and_every_rejection_is_explained(kind, media, caption, late):
+    found = problems(kind, media, caption, NOW - timedelta(seconds=late))
+    assert all(isinstance(p, str) and p for p in found)
+    if len(caption) > 2200 or late > 300 or kind == "x":
+        assert found
