@@ -98,8 +98,11 @@ class Settings(BaseSettings):
     graph_timeout: float = 10.0
 
     dm_poll_interval: float = 0.5
+    #: A watched post's comment poll interval adapts between these bounds.
     comment_poll_interval: float = 300.0
     comment_poll_max_interval: float = 1800.0
+    #: Posts older than this many days stop being watched.
+    comment_watch_days: float = 30.0
     scheduled_check_interval: float = 60.0
     #: A post found more than this late at its first run fails as missed instead of going out.
     publish_grace: float = 300.0
@@ -167,6 +170,7 @@ class Settings(BaseSettings):
         "graph_timeout", "dm_poll_interval", "comment_poll_interval", "comment_poll_max_interval",
         "scheduled_check_interval", "retry_base", "retry_cap", "rate_limit_backoff",
         "visibility_timeout", "publish_grace", "container_check_interval", "publish_stuck_after",
+        "comment_watch_days",
     )
     @classmethod
     def _check_positive(cls, value: float) -> float:
@@ -497,6 +501,95 @@ class ScheduledPost(SQLModel, table=True):
     #: When a task is next expected to touch the post; long past it, the sweeper sends one.
     next_attempt_at: datetime | None = _timestamp(default=None)
     created_at: datetime = _timestamp(default_factory=utcnow)
+
+
+class ModerationKind(enum.StrEnum):
+    block = "block"  #: blocked words or phrases (``pattern``: comma-separated)
+    regex = "regex"  #: a regular expression (``pattern``)
+    links = "links"  #: any link
+    mentions = "mentions"  #: at least ``pattern`` @mentions
+    repeats = "repeats"  #: the same text from one author at least ``pattern`` times
+
+
+class ModerationAction(enum.StrEnum):
+    none = "none"
+    hide = "hide"
+    delete = "delete"
+    reply = "reply"  #: a public reply under the comment
+    dm = "dm"  #: a private reply to the author
+
+
+class ActionStatus(enum.StrEnum):
+    """none (nothing to do) | pending → acting → done | failed | gone (the comment was deleted)."""
+
+    none = "none"
+    pending = "pending"
+    acting = "acting"
+    done = "done"
+    failed = "failed"
+    gone = "gone"
+
+
+class MonitoredPost(SQLModel, table=True):
+    __tablename__ = "monitored_post"
+    __table_args__ = (sa.UniqueConstraint("account_id", "media_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: int = Field(foreign_key="account.id", index=True, ondelete="CASCADE")
+    media_id: str = Field(sa_type=sa.String(64))
+    active: bool = True
+    #: Seconds until the next poll; shortens on activity, lengthens when quiet.
+    poll_interval: float
+    next_poll_at: datetime = _timestamp(default_factory=utcnow)
+    #: Newest top-level comment seen; paging stops when it meets a comment already stored.
+    last_comment_id: str | None = None
+    #: Instagram's time of the media (read at the first poll); old posts stop being watched.
+    media_timestamp: datetime | None = _timestamp(default=None)
+    last_polled_at: datetime | None = _timestamp(default=None)
+    created_at: datetime = _timestamp(default_factory=utcnow)
+
+
+class ModerationRule(SQLModel, table=True):
+    __tablename__ = "moderation_rule"
+
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: int = Field(foreign_key="account.id", index=True, ondelete="CASCADE")
+    kind: ModerationKind = Field(sa_type=sa.String(20))
+    pattern: str = ""
+    action: ModerationAction = Field(sa_type=sa.String(20))
+    #: The reply for the reply and dm actions.
+    text: str | None = None
+    enabled: bool = True
+    created_at: datetime = _timestamp(default_factory=utcnow)
+
+
+class Comment(SQLModel, table=True):
+    __table_args__ = (sa.Index("ix_comment_author_text", "account_id", "from_id", "text_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: int = Field(foreign_key="account.id", ondelete="CASCADE")
+    monitored_post_id: int = Field(foreign_key="monitored_post.id", index=True, ondelete="CASCADE")
+    graph_comment_id: str = Field(sa_type=sa.String(64), unique=True)
+    parent_id: str | None = Field(default=None, sa_type=sa.String(64))
+    text: str = ""
+    #: The text folded for matching (repeats are counted on it).
+    text_key: str = Field(default="", sa_type=sa.String(255))
+    username: str | None = None
+    from_id: str | None = Field(default=None, sa_type=sa.String(64))
+    created_time: datetime = _timestamp()
+    action: ModerationAction = Field(default=ModerationAction.none, sa_type=sa.String(20))
+    rule_id: int | None = None
+    #: Why: the rule that matched and on what, or "no rule matched".
+    reason: str = ""
+    action_status: ActionStatus = Field(default=ActionStatus.none, sa_type=sa.String(20))
+    action_error: str | None = None
+    #: The public reply's comment id, or the private reply's message id.
+    reply_id: str | None = None
+    acted_at: datetime | None = _timestamp(default=None)
+    attempts: int = 0
+    claimed_until: datetime | None = _timestamp(default=None)
+    claim_token: str | None = Field(default=None, sa_type=sa.String(32))
+    received_at: datetime = _timestamp(default_factory=utcnow)
 
 
 # Database helpers ############################################################################
@@ -972,12 +1065,92 @@ def find_sent_replies(messages: Any, *, account_ig_id: str, recipient_id: str, t
     return [message_id for _, message_id in sorted(found)]
 
 
+#: Hashtags and @mentions as Instagram counts them (not inside e-mail addresses or entities).
+_HASHTAG = re.compile(r"(?<![\w#&])#\w+")
+_MENTION = re.compile(r"(?<![\w@])@[A-Za-z0-9._]+")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with a comment and why; ``rule_id`` None means no rule matched."""
+
+    action: ModerationAction
+    reason: str
+    rule_id: int | None = None
+
+
+#: Links, with or without a scheme ("shop.example.com", "bit.ly/x", "www.x").
+_LINK = re.compile(r"(?:https?://|www\.)\S+|\b[\w-]+(?:\.[\w-]+)*\.(?:com|net|org|io|ly|me|co|shop|store|xyz|"
+                   r"info|biz|link|site|online|ru|cn|de|app|gg|tk|top|club)\b(?:/\S*)?", re.IGNORECASE)
+#: Runs of single characters split by spaces or punctuation: "s p a m", "s.p.a.m".
+_SPACED_OUT = re.compile(r"(?<!\w)\w(?:[\W_]+\w(?!\w)){2,}")
+#: Longest regular expression a moderation rule may hold.
+MAX_RULE_REGEX = 500
+
+
+def text_variants(text: str) -> tuple[str, ...]:
+    """The folded text, and the same with spaced-out letters joined ("s p a m" → "spam")."""
+    folded = normalize_text(text)
+    joined = _SPACED_OUT.sub(lambda m: re.sub(r"[\W_]+", "", m.group()), folded)
+    return (folded,) if joined == folded else (folded, joined)
+
+
+def find_blocked(words: str, text: str) -> str | None:
+    """The first blocked word or phrase standing in ``text`` as whole words, through case,
+    width, accents, invisible characters and spacing tricks; None when there is none."""
+    variants = text_variants(text)
+    for needle in (normalize_text(w) for w in words.split(",")):
+        if needle and any(re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", v) for v in variants):
+            return needle
+    return None
+
+
+def moderate(text: str, rules: Sequence[ModerationRule], *, same_text_count: int = 0) -> Decision:
+    """The first enabled rule (in creation order) that the comment breaks, as a decision with
+    its reason; "no rule matched" otherwise. ``same_text_count``: earlier comments with the
+    same folded text by the same author."""
+    for rule in sorted(rules, key=lambda r: (r.created_at, r.id or 0)):
+        if not rule.enabled:
+            continue
+        reason = _rule_reason(rule, text, same_text_count)
+        if reason:
+            return Decision(ModerationAction(rule.action), f"rule {rule.id} ({rule.kind}): {reason}", rule.id)
+    return Decision(ModerationAction.none, "no rule matched")
+
+
+def _rule_reason(rule: ModerationRule, text: str, same_text_count: int) -> str | None:
+    if rule.kind == ModerationKind.block:
+        word = find_blocked(rule.pattern, text)
+        return f"blocked word {word!r}" if word else None
+    if rule.kind == ModerationKind.links:
+        found = next((m.group() for v in text_variants(text) for m in [_LINK.search(v)] if m), None)
+        return f"link {found[:60]!r}" if found else None
+    if rule.kind == ModerationKind.mentions:
+        count = len(_MENTION.findall(normalize_text(text)))
+        return f"{count} @mentions" if count >= max(1, _as_int(rule.pattern) or 1) else None
+    if rule.kind == ModerationKind.repeats:
+        times = same_text_count + 1
+        return f"the same text {times} times" if times >= max(2, _as_int(rule.pattern) or 2) else None
+    if rule.kind == ModerationKind.regex:
+        try:
+            match = re.search(rule.pattern, unicodedata.normalize("NFKC", text), re.IGNORECASE)
+        except re.error:
+            return None
+        return f"matches /{rule.pattern[:60]}/" if match else None
+    return None
+
+
+def next_comment_interval(current: float, *, found: int, low: float, high: float) -> float:
+    """A poll that found comments halves the interval, a quiet one lengthens it by half;
+    always within [low, high]."""
+    interval = current / 2 if found else current * 1.5
+    return min(high, max(low, interval))
+
+
 #: Instagram's caption limits.
 MAX_CAPTION_CHARS, MAX_HASHTAGS, MAX_MENTIONS = 2200, 30, 20
 #: Children of a carousel.
 CAROUSEL_MIN, CAROUSEL_MAX = 2, 10
-_HASHTAG = re.compile(r"(?<![\w#&])#\w+")
-_MENTION = re.compile(r"(?<![\w@])@[A-Za-z0-9._]+")
 
 
 def post_problems(*, kind: str, media: list[dict[str, str]], caption: str, publish_at: datetime | None,
@@ -1775,6 +1948,261 @@ def _media_params(item: dict[str, str]) -> dict[str, str]:
     return {"image_url": item["url"]}
 
 
+#: How often beat looks for watched posts whose next poll has come.
+COMMENT_DISPATCH_INTERVAL = 60.0
+#: Comments per page (Graph's maximum for this edge).
+COMMENTS_PAGE_SIZE = 50
+COMMENT_FIELDS = "id,text,timestamp,username,from,hidden,parent_id"
+#: Pages one comment poll reads at most (10,000 comments); the rest waits for the next poll.
+MAX_COMMENT_PAGES = 400
+
+
+@app.task(name="instaqueue.poll_all_monitored_posts", ignore_result=True)
+def poll_all_monitored_posts() -> int:
+    """Send ``poll_post_comments`` for each watched post whose next poll has come, of
+    accounts that are active and not backing off."""
+    now = utcnow()
+    with session() as db:
+        ids = db.exec(select(MonitoredPost.id).join(Account, Account.id == MonitoredPost.account_id).where(
+            MonitoredPost.active, MonitoredPost.next_poll_at <= now, Account.state == AccountState.active,
+            sa.or_(Account.backoff_until.is_(None), Account.backoff_until <= now))).all()
+    for post_id in ids:
+        poll_post_comments.apply_async((post_id,), expires=COMMENT_DISPATCH_INTERVAL)
+    return len(ids)
+
+
+@app.task(name="instaqueue.poll_post_comments", ignore_result=True)
+def poll_post_comments(post_id: int) -> int:
+    """Read a watched post's new comments (and their replies), newest first, until a comment
+    already stored; store each once, decide on each by the account's rules (the decision and
+    its reason are stored, "no rule matched" included) and send the actions. Then move the
+    post's next poll: sooner after activity, later when quiet; stop watching old posts."""
+    with try_lock(f"comment-poll:{post_id}", settings.message_lease * 4) as mine:
+        if not mine:
+            return 0
+        with session() as db:
+            watched = db.get(MonitoredPost, post_id)
+            account = db.get(Account, watched.account_id) if watched else None
+            rules = db.exec(select(ModerationRule).where(ModerationRule.account_id == watched.account_id)).all() \
+                if watched else []
+        if watched is None or account is None or not watched.active:
+            return 0
+        try:
+            if watched.media_timestamp is None:
+                media = graph_call(account, "GET", watched.media_id, params={"fields": "id,timestamp"})
+                watched.media_timestamp = parse_graph_time(media.get("timestamp"))
+            new_ids, acts = read_new_comments(account, watched, list(rules))
+        except BadRequest as exc:
+            log.warning("watched post %s (media %s) is gone or unreadable; no longer watched: %s",
+                        post_id, watched.media_id, exc)
+            with session() as db:
+                update_where(db, MonitoredPost, [MonitoredPost.id == post_id], active=False)
+                db.commit()
+            return 0
+        except (GraphAPIError, AccountUnavailable, MalformedPayload) as exc:
+            log.warning("comment poll of watched post %s failed: %s", post_id, exc)
+            new_ids, acts = [], []
+        for comment_id in acts:
+            moderate_comment.delay(comment_id)
+        interval = next_comment_interval(watched.poll_interval, found=len(new_ids), low=settings.comment_poll_interval,
+                                         high=settings.comment_poll_max_interval)
+        too_old = watched.media_timestamp and utcnow() - watched.media_timestamp > timedelta(days=settings.comment_watch_days)
+        with session() as db:
+            update_where(db, MonitoredPost, [MonitoredPost.id == post_id], poll_interval=interval,
+                         next_poll_at=utcnow() + timedelta(seconds=interval), last_polled_at=utcnow(),
+                         media_timestamp=watched.media_timestamp, active=not too_old)
+            db.commit()
+        if too_old:
+            log.info("watched post %s is older than %g days; no longer watched", post_id, settings.comment_watch_days)
+        return len(new_ids)
+
+
+def read_new_comments(account: Account, watched: MonitoredPost,
+                      rules: list[ModerationRule]) -> tuple[list[int], list[int]]:
+    """Page through the post's comments until one already stored; store and judge the new
+    ones. Returns the new rows' ids and those with an action to take."""
+    params: dict[str, Any] = {"fields": f"{COMMENT_FIELDS},replies{{{COMMENT_FIELDS}}}", "limit": COMMENTS_PAGE_SIZE}
+    new_ids: list[int] = []
+    acts: list[int] = []
+    newest: str | None = None
+    for _ in range(MAX_COMMENT_PAGES):
+        page = graph_call(account, "GET", f"{watched.media_id}/comments", params=params)
+        items = page.get("data") if isinstance(page.get("data"), list) else []
+        flat: list[dict[str, Any]] = []
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+                log.warning("watched post %s: skipped a malformed comment", watched.id)
+                continue
+            flat.append(item)
+            replies = item.get("replies", {}).get("data") if isinstance(item.get("replies"), dict) else None
+            flat.extend(r for r in replies or [] if isinstance(r, dict) and isinstance(r.get("id"), str))
+        newest = newest or (flat[0]["id"] if flat else None)
+        met_known, page_new, page_acts = store_comments(account, watched, flat, rules, top_level={i.get("id") for i in items if isinstance(i, dict)})
+        new_ids += page_new
+        acts += page_acts
+        paging = page.get("paging") if isinstance(page.get("paging"), dict) else {}
+        cursors = paging.get("cursors") if isinstance(paging.get("cursors"), dict) else {}
+        if met_known or not paging.get("next") or not isinstance(cursors.get("after"), str):
+            break
+        params = {**params, "after": cursors["after"]}
+    if newest:
+        with session() as db:
+            update_where(db, MonitoredPost, [MonitoredPost.id == watched.id], last_comment_id=newest)
+            db.commit()
+    return new_ids, acts
+
+
+def store_comments(account: Account, watched: MonitoredPost, items: list[dict[str, Any]],
+                   rules: list[ModerationRule], *, top_level: set[Any]) -> tuple[bool, list[int], list[int]]:
+    """Store the comments not stored before, each with its moderation decision. Returns
+    whether a known top-level comment was met, the new ids, and the ids with an action."""
+    if not items:
+        return False, [], []
+    new_ids, acts = [], []
+    counts_repeats = any(r.enabled and r.kind == ModerationKind.repeats for r in rules)
+    with session() as db:
+        known = set(db.exec(select(Comment.graph_comment_id).where(
+            Comment.graph_comment_id.in_([i["id"] for i in items]))).all())
+        met_known = any(i["id"] in known for i in items if i["id"] in top_level)
+        for item in items:
+            if item["id"] in known:
+                continue
+            known.add(item["id"])
+            try:
+                comment = _parse_comment(item)
+            except MalformedPayload as exc:
+                log.warning("watched post %s: skipped comment %s: %s", watched.id, item["id"][:40], exc)
+                continue
+            if comment["from_id"] == account.ig_user_id:
+                decision = Decision(ModerationAction.none, "the account's own comment")
+            else:
+                same = db.exec(select(sa.func.count()).select_from(Comment).where(
+                    Comment.account_id == account.id, Comment.from_id == comment["from_id"],
+                    Comment.text_key == comment["text_key"])).one() if comment["from_id"] and counts_repeats else 0
+                decision = moderate(comment["text"], rules, same_text_count=same)
+            new_id = insert_once(db, Comment, dict(
+                account_id=account.id, monitored_post_id=watched.id, **comment, action=decision.action,
+                rule_id=decision.rule_id, reason=decision.reason[:500], received_at=utcnow(), attempts=0,
+                action_status=ActionStatus.none if decision.action == ModerationAction.none else ActionStatus.pending))
+            if new_id is None:
+                continue
+            new_ids.append(new_id)
+            if decision.action != ModerationAction.none:
+                acts.append(new_id)
+        db.commit()
+    return met_known, new_ids, acts
+
+
+def _parse_comment(item: dict[str, Any]) -> dict[str, Any]:
+    text = item.get("text", "")
+    if not isinstance(text, str):
+        raise MalformedPayload(f"text is a {type(text).__name__}")
+    sender = item.get("from") if isinstance(item.get("from"), dict) else {}
+    username = item.get("username") if isinstance(item.get("username"), str) else sender.get("username")
+    parent = item.get("parent_id")
+    return dict(graph_comment_id=item["id"], text=text, text_key=normalize_text(text)[:255],
+                username=username if isinstance(username, str) else None,
+                from_id=sender.get("id") if isinstance(sender.get("id"), str) else None,
+                parent_id=parent if isinstance(parent, str) else None,
+                created_time=parse_graph_time(item.get("timestamp")))
+
+
+#: Graph's answer for a private reply to a comment that already has one.
+ALREADY_REPLIED_PRIVATELY = (10, 2534023)
+
+
+@app.task(name="instaqueue.moderate_comment", bind=True, max_retries=settings.max_retries,
+          acks_late=True, reject_on_worker_lost=True)
+def moderate_comment(self: Any, comment_id: int) -> str:
+    """Carry out a comment's moderation action once. Hiding twice is harmless; a deleted
+    comment counts as deleted; a public reply is first looked for among the comment's
+    replies when a previous attempt may have sent it; a second private reply is refused by
+    Instagram and counts as done. A comment that no longer exists is recorded as gone."""
+    with session() as db:
+        comment = db.get(Comment, comment_id)
+        account = db.get(Account, comment.account_id) if comment else None
+        rule = db.get(ModerationRule, comment.rule_id) if comment and comment.rule_id else None
+    if comment is None or account is None:
+        return "missing"
+    if comment.action_status not in (ActionStatus.pending, ActionStatus.acting):
+        return comment.action_status
+    now, token = utcnow(), secrets.token_hex(8)
+    with session() as db:
+        row = db.exec(sa.update(Comment).where(
+            Comment.id == comment_id,
+            sa.or_(Comment.action_status == ActionStatus.pending,
+                   sa.and_(Comment.action_status == ActionStatus.acting,
+                           sa.or_(Comment.claimed_until.is_(None), Comment.claimed_until <= now))),
+        ).values(action_status=ActionStatus.acting, claim_token=token,
+                 claimed_until=now + timedelta(seconds=settings.message_lease)).returning(Comment.id)).first()
+        db.commit()
+    if row is None:
+        return "claimed elsewhere"
+    looked_before = comment.action_status == ActionStatus.acting
+    text = (rule.text if rule else None) or ""
+    reply_id: str | None = None
+    try:
+        if comment.action == ModerationAction.hide:
+            graph_call(account, "POST", comment.graph_comment_id, params={"hide": "true"})
+        elif comment.action == ModerationAction.delete:
+            graph_call(account, "DELETE", comment.graph_comment_id)
+        elif comment.action == ModerationAction.reply:
+            reply_id = find_own_reply(account, comment, text) if looked_before else None
+            if reply_id is None:
+                answer = graph_call(account, "POST", f"{comment.graph_comment_id}/replies", params={"message": text})
+                reply_id = answer.get("id") if isinstance(answer.get("id"), str) else None
+        elif comment.action == ModerationAction.dm:
+            try:
+                answer = graph_call(account, "POST", f"{account.ig_user_id}/messages", json_body={
+                    "recipient": {"comment_id": comment.graph_comment_id}, "message": {"text": text}})
+                reply_id = answer.get("message_id") if isinstance(answer.get("message_id"), str) else None
+            except PermissionDenied as exc:
+                if (exc.code, exc.subcode) != ALREADY_REPLIED_PRIVATELY:
+                    raise
+    except (TransientError, RateLimited) as exc:
+        failures = comment.attempts + (0 if isinstance(exc, RateLimited) else 1)
+        delay = (min(max(exc.retry_after or settings.rate_limit_backoff, 1.0), settings.retry_cap)
+                 if isinstance(exc, RateLimited) else next_retry_delay(failures))
+        if delay is None:
+            _finish_comment(comment_id, token, action_status=ActionStatus.failed, attempts=failures,
+                            action_error=f"gave up after {failures} attempts: {exc}")
+            return ActionStatus.failed
+        _finish_comment(comment_id, token, action_status=ActionStatus.acting, attempts=failures,
+                        action_error=str(exc)[:1000])
+        raise self.retry(countdown=delay, max_retries=None, exc=exc)
+    except BadRequest as exc:
+        if exc.code == 100 and exc.subcode == 33:
+            status = ActionStatus.done if comment.action == ModerationAction.delete else ActionStatus.gone
+            _finish_comment(comment_id, token, action_status=status, acted_at=utcnow(),
+                            action_error=f"the comment no longer exists: {exc}"[:1000])
+            return status
+        _finish_comment(comment_id, token, action_status=ActionStatus.failed, action_error=str(exc)[:1000])
+        return ActionStatus.failed
+    except (GraphAPIError, AccountUnavailable) as exc:
+        _finish_comment(comment_id, token, action_status=ActionStatus.failed, action_error=str(exc)[:1000])
+        return ActionStatus.failed
+    _finish_comment(comment_id, token, action_status=ActionStatus.done, acted_at=utcnow(), reply_id=reply_id,
+                    action_error=None)
+    return ActionStatus.done
+
+
+def find_own_reply(account: Account, comment: Comment, text: str) -> str | None:
+    """The account's public reply with ``text`` under the comment, if a previous attempt sent it."""
+    answer = graph_call(account, "GET", f"{comment.graph_comment_id}/replies", params={"fields": COMMENT_FIELDS})
+    for item in answer.get("data") if isinstance(answer.get("data"), list) else []:
+        sender = item.get("from") if isinstance(item, dict) and isinstance(item.get("from"), dict) else {}
+        if sender.get("id") == account.ig_user_id and item.get("text") == text and isinstance(item.get("id"), str):
+            return item["id"]
+    return None
+
+
+def _finish_comment(comment_id: int, token: str, **values: Any) -> None:
+    with session() as db:
+        update_where(db, Comment, [Comment.id == comment_id, Comment.claim_token == token],
+                     claimed_until=None, **values)
+        db.commit()
+
+
 @app.task(name="instaqueue.noop")
 def noop(value: Any = None) -> Any:
     """Does nothing: the baseline for benchmarks and a probe of the queue path."""
@@ -1788,6 +2216,11 @@ app.conf.beat_schedule = {
         "task": "instaqueue.poll_instagram_messages",
         "schedule": settings.dm_poll_interval,
         "options": {"expires": dm_poll_expiry()},
+    },
+    "poll-monitored-posts": {
+        "task": "instaqueue.poll_all_monitored_posts",
+        "schedule": min(COMMENT_DISPATCH_INTERVAL, settings.comment_poll_interval),
+        "options": {"expires": min(COMMENT_DISPATCH_INTERVAL, settings.comment_poll_interval)},
     },
     "check-scheduled-posts": {
         "task": "instaqueue.check_scheduled_posts",
@@ -1867,6 +2300,31 @@ def build_parser() -> argparse.ArgumentParser:
     reschedule = posts.add_parser("reschedule", help="move a post to another time (also retries a failed one)")
     reschedule.add_argument("id", type=_positive_int)
     reschedule.add_argument("--at", required=True, type=_moment)
+
+    monitor = commands.add_parser("monitor", help="posts whose comments are watched").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    add = monitor.add_parser("add", help="watch a post's comments")
+    add.add_argument("--account", required=True, type=_positive_int)
+    add.add_argument("--media-id", required=True, type=_ig_id)
+    listing = monitor.add_parser("list", help="watched posts")
+    listing.add_argument("--account", type=_positive_int)
+    remove = monitor.add_parser("remove", help="stop watching a post")
+    remove.add_argument("id", type=_positive_int)
+
+    moderation = commands.add_parser("moderation", help="comment moderation rules").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    add = moderation.add_parser("add", help="act on comments that break a rule")
+    add.add_argument("--account", required=True, type=_positive_int)
+    kind = add.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--block", type=_match_words, metavar="WORDS", help="comma-separated words or phrases")
+    kind.add_argument("--regex", type=_regex, metavar="RE")
+    kind.add_argument("--links", action="store_true", help="any link")
+    kind.add_argument("--mentions", type=_positive_int, metavar="N", help="N or more @mentions")
+    kind.add_argument("--repeats", type=_positive_int, metavar="N", help="the same text N times from one author")
+    add.add_argument("--action", required=True, choices=["hide", "delete", "reply", "dm"], dest="action_")
+    add.add_argument("--text", type=_reply_text, help="the reply, for --action reply or dm")
+    listing = moderation.add_parser("list", help="moderation rules")
+    listing.add_argument("--account", type=_positive_int)
     return parser
 
 
@@ -2021,6 +2479,64 @@ def _cmd_posts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    create_tables()
+    with session() as db:
+        if args.action == "add":
+            if db.get(Account, args.account) is None:
+                raise CommandError(f"no account with id {args.account} (see: instaqueue accounts list)")
+            new_id = insert_once(db, MonitoredPost, dict(account_id=args.account, media_id=args.media_id, active=True,
+                                                         poll_interval=settings.comment_poll_interval,
+                                                         next_poll_at=utcnow(), created_at=utcnow()))
+            if new_id is None:
+                update_where(db, MonitoredPost, [MonitoredPost.account_id == args.account,
+                                                 MonitoredPost.media_id == args.media_id], active=True)
+            db.commit()
+            print(f"watching comments on media {args.media_id} for account {args.account}")
+            return 0
+        if args.action == "remove":
+            if not update_where(db, MonitoredPost, [MonitoredPost.id == args.id], active=False):
+                raise CommandError(f"no watched post with id {args.id} (see: instaqueue monitor list)")
+            db.commit()
+            print(f"no longer watching post {args.id}")
+            return 0
+        query = select(MonitoredPost).order_by(MonitoredPost.id)
+        if args.account:
+            query = query.where(MonitoredPost.account_id == args.account)
+        rows = db.exec(query).all()
+        counts = dict(db.exec(select(Comment.monitored_post_id, sa.func.count()).group_by(Comment.monitored_post_id)).all())
+    _print_table(["id", "account", "media_id", "active", "interval_s", "next_poll", "comments"],
+                 [[w.id, w.account_id, w.media_id, "yes" if w.active else "no", f"{w.poll_interval:.0f}",
+                   _when(w.next_poll_at), counts.get(w.id, 0)] for w in rows])
+    return 0
+
+
+def _cmd_moderation(args: argparse.Namespace) -> int:
+    create_tables()
+    with session() as db:
+        if args.action == "add":
+            if db.get(Account, args.account) is None:
+                raise CommandError(f"no account with id {args.account} (see: instaqueue accounts list)")
+            if args.action_ in ("reply", "dm") and not args.text:
+                raise CommandError(f"--action {args.action_} needs --text")
+            kind, pattern = next((k, str(v)) for k, v in (
+                ("block", args.block), ("regex", args.regex), ("mentions", args.mentions), ("repeats", args.repeats),
+                ("links", "" if args.links else None)) if v is not None)
+            rule = ModerationRule(account_id=args.account, kind=kind, pattern=pattern, action=args.action_, text=args.text)
+            db.add(rule)
+            db.commit()
+            print(f"moderation rule {rule.id} added: {kind} {pattern} -> {rule.action}".rstrip())
+            return 0
+        query = select(ModerationRule).order_by(ModerationRule.id)
+        if args.account:
+            query = query.where(ModerationRule.account_id == args.account)
+        rows = db.exec(query).all()
+    _print_table(["id", "account", "kind", "pattern", "action", "text", "enabled"],
+                 [[r.id, r.account_id, r.kind, r.pattern or "-", r.action, r.text or "-", "yes" if r.enabled else "no"]
+                  for r in rows])
+    return 0
+
+
 def _check_posts_now(publish_at: datetime) -> None:
     """A post due before the next periodic check is queued right away."""
     if publish_at - utcnow() > timedelta(seconds=settings.scheduled_check_interval):
@@ -2035,6 +2551,7 @@ def _check_posts_now(publish_at: datetime) -> None:
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "worker": _cmd_celery, "run": _cmd_celery, "beat": _cmd_celery, "flower": _cmd_celery,
     "initdb": _cmd_initdb, "accounts": _cmd_accounts, "rules": _cmd_rules, "posts": _cmd_posts,
+    "monitor": _cmd_monitor, "moderation": _cmd_moderation,
 }
 
 #: Longest reply the Send API takes for a text message, in bytes.
@@ -2058,6 +2575,16 @@ def _token(value: str) -> str:
     if not value.strip() or any(ch.isspace() for ch in value.strip()):
         raise argparse.ArgumentTypeError("the access token is empty or contains spaces")
     return value.strip()
+
+
+def _regex(value: str) -> str:
+    if not value or len(value) > MAX_RULE_REGEX:
+        raise argparse.ArgumentTypeError(f"a regular expression of 1 to {MAX_RULE_REGEX} characters")
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"not a valid regular expression: {exc}") from None
+    return value
 
 
 def _moment(value: str) -> datetime:

@@ -233,3 +233,78 @@ def test_validation_never_crashes_and_every_rejection_is_explained(kind, media, 
     assert all(isinstance(p, str) and p for p in found)
     if len(caption) > 2200 or late > 300 or kind == "x":
         assert found
+
+
+# Comment moderation #######################################################################
+
+from instaqueue import ModerationRule, find_blocked, moderate, next_comment_interval  # noqa: E402
+
+
+def mod_rule(kind, pattern="", action="hide", minute=0, enabled=True):
+    return ModerationRule(id=minute + 1, account_id=1, kind=kind, pattern=pattern, action=action, enabled=enabled,
+                          created_at=datetime(2026, 1, 1, 0, minute, tzinfo=timezone.utc))
+
+
+@pytest.mark.parametrize("text", [
+    "this is SPAM", "spám everywhere", "ｓｐａｍ", "s\u200bp\u200ba\u200bm", "s p a m", "s.p.a.m!", "S-P-A-M",
+    "Spam.", "buy now spam", "ŚPÄM",
+])
+def test_blocked_word_is_caught_through_evasions(text):
+    assert find_blocked("spam, buy followers", text) == "spam"
+
+
+@pytest.mark.parametrize("text", ["spammer", "antispam", "s pam", "a spa meeting", "", "Spamalot tickets"])
+def test_innocent_words_that_merely_contain_it_pass(text):
+    assert find_blocked("spam", text) is None
+
+
+def test_blocked_phrase_and_class_versus_ass():
+    assert find_blocked("buy followers", "Want to BUY   followers?") == "buy followers"
+    assert find_blocked("ass", "first class service") is None
+
+
+@pytest.mark.parametrize("kind, pattern, text, hit", [
+    ("links", "", "visit shop.example.com now", True),
+    ("links", "", "see https://x.y/z", True),
+    ("links", "", "www.deals", True),
+    ("links", "", "bit . ly", False),
+    ("links", "", "great photo!", False),
+    ("mentions", "3", "@a @b @c look", True),
+    ("mentions", "3", "@a @b look, mail me@x.com", False),
+    ("regex", r"\d{3}-\d{4}", "call 555-1234", True),
+    ("regex", r"\d{3}-\d{4}", "call me", False),
+])
+def test_each_rule_kind(kind, pattern, text, hit):
+    decision = moderate(text, [mod_rule(kind, pattern)])
+    assert (decision.rule_id == 1) is hit
+    assert decision.reason and (hit or decision.reason == "no rule matched")
+
+
+def test_repeats_count_earlier_comments_by_the_same_author():
+    rule = [mod_rule("repeats", "3", action="delete")]
+    assert moderate("buy now", rule, same_text_count=1).action == "none"
+    decision = moderate("buy now", rule, same_text_count=2)
+    assert decision.action == "delete" and "3 times" in decision.reason
+
+
+def test_first_enabled_rule_in_creation_order_decides():
+    rules = [mod_rule("links", action="delete", minute=2), mod_rule("block", "spam", action="reply", minute=1),
+             mod_rule("block", "spam", action="hide", minute=0, enabled=False)]
+    assert moderate("spam at x.com", rules).action == "reply"
+
+
+@hsettings(max_examples=500)
+@given(text=st.text(), count=st.integers(min_value=0, max_value=100))
+def test_any_text_never_crashes_the_rule_engine(text, count):
+    rules = [mod_rule("block", "spam, buy followers"), mod_rule("links", minute=1), mod_rule("mentions", "3", minute=2),
+             mod_rule("repeats", "2", minute=3), mod_rule("regex", r"(a+)+$", minute=4), mod_rule("regex", "(", minute=5)]
+    decision = moderate(text, rules, same_text_count=count)
+    assert decision.reason
+
+
+@given(current=st.floats(min_value=1, max_value=10_000), found=st.integers(min_value=0, max_value=1000))
+def test_the_comment_interval_stays_in_bounds_and_moves_the_right_way(current, found):
+    nxt = next_comment_interval(current, found=found, low=300, high=1800)
+    assert 300 <= nxt <= 1800
+    bounded = min(1800, max(300, current))
+    assert (nxt <= bounded) if found else (nxt >= bounded)
