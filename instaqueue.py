@@ -41,6 +41,7 @@ if __name__ == "__main__":
 
 import argparse
 import contextlib
+import csv
 import enum
 import fcntl
 import json
@@ -53,7 +54,7 @@ import secrets
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, time as dtime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
@@ -62,6 +63,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import httpx
 import sqlalchemy as sa
 from celery import Celery, signals
+from celery.schedules import crontab
 from kombu import Queue
 from pydantic import ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -400,6 +402,9 @@ class Account(SQLModel, table=True):
     backoff_until: datetime | None = _timestamp(default=None)
     #: Next DM poll when usage headers asked us to slow down; None polls on every tick.
     dm_next_poll_at: datetime | None = _timestamp(default=None)
+    #: When the long-lived token was issued (or last refreshed) and when it expires.
+    token_issued_at: datetime = _timestamp(default_factory=utcnow)
+    token_expires_at: datetime | None = _timestamp(default=None)
     created_at: datetime = _timestamp(default_factory=utcnow)
 
 
@@ -592,6 +597,40 @@ class Comment(SQLModel, table=True):
     received_at: datetime = _timestamp(default_factory=utcnow)
 
 
+class DailyAnalytics(SQLModel, table=True):
+    """One row per account and local day; re-running a day replaces its row."""
+
+    __tablename__ = "daily_analytics"
+    __table_args__ = (sa.UniqueConstraint("account_id", "day"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: int = Field(foreign_key="account.id", ondelete="CASCADE")
+    #: The day in the configured timezone.
+    day: date = Field(sa_type=sa.Date)
+    dms_received: int = 0
+    dms_auto_answered: int = 0
+    dms_for_human: int = 0
+    dms_failed: int = 0
+    reply_latency_median_s: float | None = None
+    reply_latency_p95_s: float | None = None
+    comments_seen: int = 0
+    comments_hidden: int = 0
+    comments_deleted: int = 0
+    comments_replied: int = 0
+    posts_published: int = 0
+    posts_failed: int = 0
+    posts_unconfirmed: int = 0
+    followers: int | None = None
+    reach: int | None = None
+    views: int | None = None
+    profile_views: int | None = None
+    accounts_engaged: int | None = None
+    #: False when some insight could not be read; ``problems`` says which and why.
+    complete: bool = True
+    problems: str | None = None
+    generated_at: datetime = _timestamp(default_factory=utcnow)
+
+
 # Database helpers ############################################################################
 
 _engine: sa.Engine | None = None
@@ -620,14 +659,18 @@ def create_tables() -> None:
     SQLModel.metadata.create_all(get_engine())
 
 
-def insert_once(db: Session, model: type[SQLModel], values: dict[str, Any]) -> int | None:
-    """Insert a row unless a unique key already has it; the new id, or None for a repeat."""
-    table = model.__table__
+def dialect_insert(db: Session, model: type[SQLModel]) -> Any:
+    """An INSERT with ``on_conflict_do_*`` for the session's backend (PostgreSQL or SQLite)."""
     if db.get_bind().dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    statement = insert(table).values(**values).on_conflict_do_nothing().returning(table.c.id)
+    return insert(model.__table__)
+
+
+def insert_once(db: Session, model: type[SQLModel], values: dict[str, Any]) -> int | None:
+    """Insert a row unless a unique key already has it; the new id, or None for a repeat."""
+    statement = dialect_insert(db, model).values(**values).on_conflict_do_nothing().returning(model.__table__.c.id)
     return db.execute(statement).scalar_one_or_none()
 
 
@@ -2203,6 +2246,225 @@ def _finish_comment(comment_id: int, token: str, **values: Any) -> None:
         db.commit()
 
 
+#: Days one analytics run catches up at most, per account.
+ANALYTICS_CATCH_UP_DAYS = 31
+#: Account insights the current Graph version still serves, asked as ``total_value``.
+INSIGHT_METRICS = ("reach", "views", "profile_views", "accounts_engaged")
+#: Refresh a long-lived token once it is this old, when it expires within REFRESH_WINDOW.
+TOKEN_MIN_AGE = timedelta(hours=24)
+REFRESH_WINDOW = timedelta(days=10)
+#: A long-lived Instagram token's life when Meta does not say.
+TOKEN_LIFETIME = timedelta(days=60)
+
+
+def day_bounds(day: date, zone: ZoneInfo) -> tuple[datetime, datetime]:
+    """The UTC instants where a local day starts and the next one starts (23, 24 or 25 h)."""
+    start = datetime.combine(day, dtime(0), tzinfo=zone)
+    end = datetime.combine(day + timedelta(days=1), dtime(0), tzinfo=zone)
+    return start.astimezone(timezone.utc), end.astimezone(timezone.utc)
+
+
+def percentile(values: Sequence[float], fraction: float) -> float | None:
+    """Linear-interpolated percentile (like PostgreSQL's percentile_cont); None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * fraction
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def token_needs_refresh(issued_at: datetime, expires_at: datetime | None, now: datetime) -> bool:
+    """Meta refreshes tokens at least 24 h old; we refresh those expiring within 10 days."""
+    expires = expires_at or issued_at + TOKEN_LIFETIME
+    return now - issued_at >= TOKEN_MIN_AGE and expires - now <= REFRESH_WINDOW
+
+
+@app.task(name="instaqueue.generate_daily_analytics", ignore_result=False)
+def generate_daily_analytics(days: list[str] | None = None) -> dict[str, int]:
+    """Write each account's row for every finished local day not written yet (up to a month
+    back, so days missed while nothing ran are caught up), or for ``days`` (ISO dates, a
+    backfill), replacing rows that exist. Insight failures mark a row incomplete; they never
+    fail the task or cost another account its row."""
+    zone = settings.zone
+    today = utcnow().astimezone(zone).date()
+    with session() as db:
+        accounts = db.exec(select(Account).order_by(Account.id)).all()
+        last = dict(db.exec(select(DailyAnalytics.account_id, sa.func.max(DailyAnalytics.day))
+                            .group_by(DailyAnalytics.account_id)).all())
+    wanted: dict[date, list[Account]] = {}
+    for account in accounts:
+        if days is not None:
+            todo = [date.fromisoformat(d) for d in days]
+        else:
+            first = max(last[account.id] + timedelta(days=1) if account.id in last
+                        else account.created_at.astimezone(zone).date(),
+                        today - timedelta(days=ANALYTICS_CATCH_UP_DAYS))
+            todo = [first + timedelta(days=n) for n in range((today - first).days)]
+        for day in todo:
+            wanted.setdefault(day, []).append(account)
+    written = incomplete = 0
+    for day in sorted(wanted):
+        for row in build_day(day, wanted[day], zone):
+            written += 1
+            incomplete += not row["complete"]
+            save_analytics(row)
+    log.info("daily analytics: %d rows written (%d incomplete) for %d days", written, incomplete, len(wanted))
+    return {"rows": written, "incomplete": incomplete, "days": len(wanted)}
+
+
+def build_day(day: date, accounts: Sequence[Account], zone: ZoneInfo) -> list[dict[str, Any]]:
+    """The rows of one local day: counts from our tables (one grouped query per table for all
+    the accounts), then each account's insights from the Graph API."""
+    start, end = day_bounds(day, zone)
+    ids = [a.id for a in accounts]
+    rows = {a.id: dict(account_id=a.id, day=day, generated_at=utcnow(), complete=True, problems=None)
+            for a in accounts}
+    with session() as db:
+        for account_id, status, count in db.exec(
+                select(InboundMessage.account_id, InboundMessage.status, sa.func.count())
+                .where(InboundMessage.account_id.in_(ids), InboundMessage.created_time >= start,
+                       InboundMessage.created_time < end)
+                .group_by(InboundMessage.account_id, InboundMessage.status)).all():
+            row = rows[account_id]
+            row["dms_received"] = row.get("dms_received", 0) + count
+            key = {MessageStatus.replied: "dms_auto_answered", MessageStatus.needs_human: "dms_for_human",
+                   MessageStatus.failed: "dms_failed"}.get(status)
+            if key:
+                row[key] = count
+        latencies: dict[int, list[float]] = {}
+        for account_id, created, replied in db.exec(
+                select(InboundMessage.account_id, InboundMessage.created_time, InboundMessage.replied_at)
+                .where(InboundMessage.account_id.in_(ids), InboundMessage.status == MessageStatus.replied,
+                       InboundMessage.created_time >= start, InboundMessage.created_time < end)).all():
+            latencies.setdefault(account_id, []).append(_aware(replied).timestamp() - _aware(created).timestamp())
+        for account_id, values in latencies.items():
+            rows[account_id].update(reply_latency_median_s=percentile(values, 0.5),
+                                    reply_latency_p95_s=percentile(values, 0.95))
+        for account_id, action, status, count in db.exec(
+                select(Comment.account_id, Comment.action, Comment.action_status, sa.func.count())
+                .where(Comment.account_id.in_(ids), Comment.created_time >= start, Comment.created_time < end)
+                .group_by(Comment.account_id, Comment.action, Comment.action_status)).all():
+            row = rows[account_id]
+            row["comments_seen"] = row.get("comments_seen", 0) + count
+            if status == ActionStatus.done:
+                key = {ModerationAction.hide: "comments_hidden", ModerationAction.delete: "comments_deleted",
+                       ModerationAction.reply: "comments_replied", ModerationAction.dm: "comments_replied"}.get(action)
+                if key:
+                    row[key] = row.get(key, 0) + count
+        for account_id, status, count in db.exec(
+                select(ScheduledPost.account_id, ScheduledPost.status, sa.func.count())
+                .where(ScheduledPost.account_id.in_(ids),
+                       ScheduledPost.status.in_([PostStatus.published, PostStatus.failed, PostStatus.unconfirmed]),
+                       sa.func.coalesce(ScheduledPost.published_at, ScheduledPost.publish_at) >= start,
+                       sa.func.coalesce(ScheduledPost.published_at, ScheduledPost.publish_at) < end)
+                .group_by(ScheduledPost.account_id, ScheduledPost.status)).all():
+            rows[account_id][f"posts_{status}"] = count
+    for account in accounts:
+        problems = read_insights(account, rows[account.id], start, end)
+        if problems:
+            rows[account.id].update(complete=False, problems="; ".join(problems)[:2000])
+    return list(rows.values())
+
+
+def read_insights(account: Account, row: dict[str, Any], start: datetime, end: datetime) -> list[str]:
+    """Fill the row's followers and insights; return what could not be read and why. A
+    metric refused with code 100 is asked again alone, so one retired metric does not cost
+    the others; missing data (an empty ``data``) stays empty, not 0."""
+    if account.state != AccountState.active:
+        return [f"account {account.state}: no insights"]
+    problems: list[str] = []
+    try:
+        profile = graph_call(account, "GET", account.ig_user_id, params={"fields": "followers_count,media_count"})
+        row["followers"] = _as_int(profile.get("followers_count"))
+    except (GraphAPIError, AccountUnavailable) as exc:
+        problems.append(f"followers: {exc}")
+        if isinstance(exc, (TokenInvalid, AccountUnavailable)):
+            return problems
+    base = {"period": "day", "metric_type": "total_value", "since": int(start.timestamp()),
+            "until": int(end.timestamp())}
+    batches: list[tuple[str, ...]] = [INSIGHT_METRICS]
+    while batches:
+        metrics = batches.pop(0)
+        try:
+            answer = graph_call(account, "GET", f"{account.ig_user_id}/insights",
+                                params={**base, "metric": ",".join(metrics)})
+        except BadRequest as exc:
+            if len(metrics) > 1:
+                batches.extend((m,) for m in metrics)
+                continue
+            problems.append(f"{metrics[0]}: {exc}")
+            continue
+        except (GraphAPIError, AccountUnavailable) as exc:
+            problems.append(f"{','.join(metrics)}: {exc}")
+            if isinstance(exc, (TokenInvalid, AccountUnavailable)):
+                break
+            continue
+        for item in answer.get("data") if isinstance(answer.get("data"), list) else []:
+            name = item.get("name") if isinstance(item, dict) else None
+            if name in INSIGHT_METRICS:
+                total = item.get("total_value")
+                values = item.get("values")
+                if isinstance(total, dict):
+                    row[name] = _as_int(total.get("value"))
+                elif isinstance(values, list) and values and isinstance(values[-1], dict):
+                    row[name] = _as_int(values[-1].get("value"))
+    return problems
+
+
+def save_analytics(row: dict[str, Any]) -> None:
+    """Insert the row, or replace the one of the same account and day."""
+    values = DailyAnalytics.model_validate(row).model_dump(exclude={"id"})
+    with session() as db:
+        statement = dialect_insert(db, DailyAnalytics).values(**values)
+        db.execute(statement.on_conflict_do_update(index_elements=["account_id", "day"],
+                                                   set_={k: statement.excluded[k] for k in values}))
+        db.commit()
+
+
+@app.task(name="instaqueue.refresh_access_tokens", ignore_result=False)
+def refresh_access_tokens() -> dict[str, int]:
+    """Refresh long-lived tokens at least 24 h old that expire within 10 days. A refresh that
+    Instagram refuses parks the account for re-auth; a transient failure waits for tomorrow
+    (the window is ten days wide)."""
+    now = utcnow()
+    with session() as db:
+        accounts = db.exec(select(Account).where(Account.state == AccountState.active)).all()
+    refreshed = parked = 0
+    for account in accounts:
+        if not token_needs_refresh(account.token_issued_at, account.token_expires_at, now):
+            continue
+        root = urlsplit(settings.graph_api_url)
+        try:
+            answer = graph().request("GET", f"{root.scheme}://{root.netloc}/refresh_access_token",
+                                     token=account.access_token,
+                                     params={"grant_type": "ig_refresh_token", "access_token": account.access_token})
+            token = answer.data.get("access_token")
+            if not isinstance(token, str) or not token:
+                raise BadRequest("refresh answered without a token")
+        except (TransientError, RateLimited) as exc:
+            log.warning("account %s: token refresh failed for now (%s); trying again tomorrow", account.id, exc)
+            continue
+        except GraphAPIError as exc:
+            park_account(account.id, f"token refresh refused: {exc}")
+            parked += 1
+            continue
+        lifetime = _as_float(answer.data.get("expires_in")) or TOKEN_LIFETIME.total_seconds()
+        with session() as db:
+            update_where(db, Account, [Account.id == account.id, Account.access_token == account.access_token],
+                         access_token=token, token_issued_at=utcnow(),
+                         token_expires_at=utcnow() + timedelta(seconds=lifetime))
+            db.commit()
+        refreshed += 1
+        log.info("account %s: access token refreshed; valid for %.0f days", account.id, lifetime / 86400)
+    return {"refreshed": refreshed, "parked": parked}
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
 @app.task(name="instaqueue.noop")
 def noop(value: Any = None) -> Any:
     """Does nothing: the baseline for benchmarks and a probe of the queue path."""
@@ -2221,6 +2483,14 @@ app.conf.beat_schedule = {
         "task": "instaqueue.poll_all_monitored_posts",
         "schedule": min(COMMENT_DISPATCH_INTERVAL, settings.comment_poll_interval),
         "options": {"expires": min(COMMENT_DISPATCH_INTERVAL, settings.comment_poll_interval)},
+    },
+    "generate-daily-analytics": {
+        "task": "instaqueue.generate_daily_analytics",
+        "schedule": crontab(hour=int(settings.analytics_at[:2]), minute=int(settings.analytics_at[3:])),
+    },
+    "refresh-access-tokens": {
+        "task": "instaqueue.refresh_access_tokens",
+        "schedule": crontab(hour=int(settings.analytics_at[:2]), minute=int(settings.analytics_at[3:])),
     },
     "check-scheduled-posts": {
         "task": "instaqueue.check_scheduled_posts",
@@ -2270,7 +2540,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--ig-user-id", required=True, type=_ig_id)
     add.add_argument("--username", required=True, type=_username)
     add.add_argument("--access-token", required=True, type=_token)
-    accounts.add_parser("list", help="accounts and their state")
+    add.add_argument("--expires-in-days", type=_positive_int, default=60, help="token lifetime (default 60)")
+    accounts.add_parser("list", help="accounts, their state and token expiry")
+    reauth = accounts.add_parser("reauth", help="give a parked account a new token and make it active")
+    reauth.add_argument("id", type=_positive_int)
+    reauth.add_argument("--access-token", required=True, type=_token)
+    reauth.add_argument("--expires-in-days", type=_positive_int, default=60)
 
     rules = commands.add_parser("rules", help="keyword reply rules").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
@@ -2300,6 +2575,18 @@ def build_parser() -> argparse.ArgumentParser:
     reschedule = posts.add_parser("reschedule", help="move a post to another time (also retries a failed one)")
     reschedule.add_argument("id", type=_positive_int)
     reschedule.add_argument("--at", required=True, type=_moment)
+
+    analytics = commands.add_parser("analytics", help="daily analytics").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    backfill = analytics.add_parser("backfill", help="(re)build the rows of these days")
+    backfill.add_argument("--from", dest="start", required=True, type=_day)
+    backfill.add_argument("--to", dest="end", required=True, type=_day)
+    show = analytics.add_parser("show", help="an account's recent days as a table")
+    show.add_argument("--account", required=True, type=_positive_int)
+    show.add_argument("--days", type=_positive_int, default=14)
+    export = analytics.add_parser("export", help="all rows to standard output")
+    export.add_argument("--format", required=True, choices=["csv", "json"])
+    export.add_argument("--account", type=_positive_int)
 
     monitor = commands.add_parser("monitor", help="posts whose comments are watched").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
@@ -2376,14 +2663,24 @@ def _cmd_accounts(args: argparse.Namespace) -> int:
             existing = db.exec(select(Account).where(Account.ig_user_id == args.ig_user_id)).first()
             if existing:
                 raise CommandError(f"an account with ig user id {args.ig_user_id} exists already (id {existing.id})")
-            account = Account(ig_user_id=args.ig_user_id, username=args.username, access_token=args.access_token)
+            account = Account(ig_user_id=args.ig_user_id, username=args.username, access_token=args.access_token,
+                              token_expires_at=utcnow() + timedelta(days=args.expires_in_days))
             db.add(account)
             db.commit()
             print(f"account {account.id} added: @{account.username} (ig user id {account.ig_user_id})")
             return 0
+        if args.action == "reauth":
+            if not update_where(db, Account, [Account.id == args.id], access_token=args.access_token,
+                                state=AccountState.active, state_reason=None, backoff_until=None,
+                                token_issued_at=utcnow(), token_expires_at=utcnow() + timedelta(days=args.expires_in_days)):
+                raise CommandError(f"no account with id {args.id} (see: instaqueue accounts list)")
+            db.commit()
+            print(f"account {args.id} is active again with its new token")
+            return 0
         rows = db.exec(select(Account).order_by(Account.id)).all()
-    _print_table(["id", "ig_user_id", "username", "state", "backoff_until"],
-                 [[a.id, a.ig_user_id, "@" + a.username, a.state, _when(a.backoff_until)] for a in rows])
+    _print_table(["id", "ig_user_id", "username", "state", "token_expires", "backoff_until", "reason"],
+                 [[a.id, a.ig_user_id, "@" + a.username, a.state, _when(a.token_expires_at), _when(a.backoff_until),
+                   (a.state_reason or "-")[:60]] for a in rows])
     return 0
 
 
@@ -2479,6 +2776,51 @@ def _cmd_posts(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Columns of ``analytics show``: (header, attribute).
+_ANALYTICS_SHOWN = [("day", "day"), ("dms", "dms_received"), ("auto", "dms_auto_answered"), ("human", "dms_for_human"),
+                    ("failed", "dms_failed"), ("p50_s", "reply_latency_median_s"), ("p95_s", "reply_latency_p95_s"),
+                    ("comments", "comments_seen"), ("hidden", "comments_hidden"), ("deleted", "comments_deleted"),
+                    ("replied", "comments_replied"), ("posts", "posts_published"), ("followers", "followers"),
+                    ("reach", "reach"), ("views", "views"), ("complete", "complete")]
+
+
+def _cmd_analytics(args: argparse.Namespace) -> int:
+    create_tables()
+    if args.action == "backfill":
+        if args.end < args.start:
+            raise CommandError("--to is before --from")
+        days = [(args.start + timedelta(days=n)).isoformat() for n in range((args.end - args.start).days + 1)]
+        if len(days) > 366:
+            raise CommandError("backfill at most 366 days at a time")
+        result = generate_daily_analytics(days)
+        print(f"{result['rows']} rows written for {len(days)} days ({result['incomplete']} incomplete)")
+        return 0
+    with session() as db:
+        query = select(DailyAnalytics).order_by(DailyAnalytics.account_id, DailyAnalytics.day)
+        if args.account:
+            if db.get(Account, args.account) is None:
+                raise CommandError(f"no account with id {args.account} (see: instaqueue accounts list)")
+            query = query.where(DailyAnalytics.account_id == args.account)
+        if args.action == "show":
+            query = query.where(DailyAnalytics.day > utcnow().astimezone(settings.zone).date() - timedelta(days=args.days + 1))
+        rows = db.exec(query).all()
+    if args.action == "show":
+        def cell(value: Any) -> str:
+            return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else \
+                ("yes" if value else "NO") if isinstance(value, bool) else str(value)
+        _print_table([h for h, _ in _ANALYTICS_SHOWN], [[cell(getattr(r, a)) for _, a in _ANALYTICS_SHOWN] for r in rows])
+        return 0
+    records = [r.model_dump(exclude={"id"}, mode="json") for r in rows]
+    if args.format == "json":
+        json.dump(records, sys.stdout, indent=1)
+        print()
+    else:
+        writer = csv.DictWriter(sys.stdout, fieldnames=[c.name for c in DailyAnalytics.__table__.columns if c.name != "id"])
+        writer.writeheader()
+        writer.writerows(records)
+    return 0
+
+
 def _cmd_monitor(args: argparse.Namespace) -> int:
     create_tables()
     with session() as db:
@@ -2551,7 +2893,7 @@ def _check_posts_now(publish_at: datetime) -> None:
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "worker": _cmd_celery, "run": _cmd_celery, "beat": _cmd_celery, "flower": _cmd_celery,
     "initdb": _cmd_initdb, "accounts": _cmd_accounts, "rules": _cmd_rules, "posts": _cmd_posts,
-    "monitor": _cmd_monitor, "moderation": _cmd_moderation,
+    "monitor": _cmd_monitor, "moderation": _cmd_moderation, "analytics": _cmd_analytics,
 }
 
 #: Longest reply the Send API takes for a text message, in bytes.
@@ -2575,6 +2917,13 @@ def _token(value: str) -> str:
     if not value.strip() or any(ch.isspace() for ch in value.strip()):
         raise argparse.ArgumentTypeError("the access token is empty or contains spaces")
     return value.strip()
+
+
+def _day(value: str) -> date:
+    try:
+        return date.fromisoformat(value.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {value[:40]!r}") from None
 
 
 def _regex(value: str) -> str:

@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         posts = insert_posts(iq, accounts, times)
         shared = sum(n for n in Counter(t.replace(microsecond=0) for t in times).values() if n > 1)
         whole = sum(1 for t in times if t.microsecond == 0)
-        print(f"  workload  {args.posts} image posts over {len(accounts)} accounts (at most "
+        print(f"  workload  {args.posts} image posts over {len(accounts)} account{'s' * (len(accounts) > 1)} (at most "
               f"{POSTS_PER_ACCOUNT} each: quota 50/24 h), due {LEAD_S:g}-{LEAD_S + WINDOW_S:g} s after "
               f"insertion, uniform; {whole} on a whole second, {shared} sharing a second with another; "
               f"inserted before beat starts", flush=True)
