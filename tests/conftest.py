@@ -101,6 +101,10 @@ def db(database_url: str, redis_url: str) -> Iterator[Any]:
     import redis
     import sqlalchemy as sa
 
+    if not _state.get("schema_fresh"):
+        # The test database outlives a run (CI reuses it): start from this code's schema.
+        instaqueue.SQLModel.metadata.drop_all(instaqueue.get_engine())
+        _state["schema_fresh"] = True
     instaqueue.create_tables()
     tables = ", ".join(t.name for t in instaqueue.SQLModel.metadata.sorted_tables)
     with instaqueue.get_engine().begin() as connection:
