@@ -548,6 +548,9 @@ class MonitoredPost(SQLModel, table=True):
     next_poll_at: datetime = _timestamp(default_factory=utcnow)
     #: Newest top-level comment seen; paging stops when it meets a comment already stored.
     last_comment_id: str | None = None
+    #: From then on the next poll reads every page (replies under older comments do not
+    #: surface on the first pages): at the first poll, daily, and after a poll cut short.
+    full_read_due_at: datetime = _timestamp(default_factory=utcnow)
     #: Instagram's time of the media (read at the first poll); old posts stop being watched.
     media_timestamp: datetime | None = _timestamp(default=None)
     last_polled_at: datetime | None = _timestamp(default=None)
@@ -1996,8 +1999,11 @@ COMMENT_DISPATCH_INTERVAL = 60.0
 #: Comments per page (Graph's maximum for this edge).
 COMMENTS_PAGE_SIZE = 50
 COMMENT_FIELDS = "id,text,timestamp,username,from,hidden,parent_id"
-#: Pages one comment poll reads at most (10,000 comments); the rest waits for the next poll.
+#: Pages one comment poll reads at most (20,000 comments); a poll cut short makes the next
+#: poll a full read.
 MAX_COMMENT_PAGES = 400
+#: How often a watched post's comments are read in full, for replies under older comments.
+FULL_READ_EVERY = timedelta(hours=24)
 
 
 @app.task(name="instaqueue.poll_all_monitored_posts", ignore_result=True)
@@ -2030,69 +2036,123 @@ def poll_post_comments(post_id: int) -> int:
                 if watched else []
         if watched is None or account is None or not watched.active:
             return 0
+        found = 0
+
+        def on_stored(new_ids: list[int], acts: list[int]) -> None:
+            nonlocal found
+            found += len(new_ids)
+            _dispatch_comments(acts)
+
+        full = utcnow() >= watched.full_read_due_at
+        complete = False
         try:
             if watched.media_timestamp is None:
                 media = graph_call(account, "GET", watched.media_id, params={"fields": "id,timestamp"})
                 watched.media_timestamp = parse_graph_time(media.get("timestamp"))
-            new_ids, acts = read_new_comments(account, watched, list(rules))
+            complete = read_new_comments(account, watched, list(rules), full=full, on_stored=on_stored)
         except BadRequest as exc:
             log.warning("watched post %s (media %s) is gone or unreadable; no longer watched: %s",
                         post_id, watched.media_id, exc)
             with session() as db:
                 update_where(db, MonitoredPost, [MonitoredPost.id == post_id], active=False)
                 db.commit()
-            return 0
+            return found
         except (GraphAPIError, AccountUnavailable, MalformedPayload) as exc:
             log.warning("comment poll of watched post %s failed: %s", post_id, exc)
-            new_ids, acts = [], []
-        for comment_id in acts:
-            moderate_comment.delay(comment_id)
-        interval = next_comment_interval(watched.poll_interval, found=len(new_ids), low=settings.comment_poll_interval,
+        _dispatch_comments(take_stale_comments(post_id))
+        interval = next_comment_interval(watched.poll_interval, found=found, low=settings.comment_poll_interval,
                                          high=settings.comment_poll_max_interval)
         too_old = watched.media_timestamp and utcnow() - watched.media_timestamp > timedelta(days=settings.comment_watch_days)
+        full_read_due = (utcnow() + FULL_READ_EVERY if full else watched.full_read_due_at) if complete else utcnow()
         with session() as db:
             update_where(db, MonitoredPost, [MonitoredPost.id == post_id], poll_interval=interval,
                          next_poll_at=utcnow() + timedelta(seconds=interval), last_polled_at=utcnow(),
-                         media_timestamp=watched.media_timestamp, active=not too_old)
+                         media_timestamp=watched.media_timestamp, active=not too_old, full_read_due_at=full_read_due)
             db.commit()
         if too_old:
             log.info("watched post %s is older than %g days; no longer watched", post_id, settings.comment_watch_days)
-        return len(new_ids)
+        return found
 
 
-def read_new_comments(account: Account, watched: MonitoredPost,
-                      rules: list[ModerationRule]) -> tuple[list[int], list[int]]:
-    """Page through the post's comments until one already stored; store and judge the new
-    ones. Returns the new rows' ids and those with an action to take."""
+def read_new_comments(account: Account, watched: MonitoredPost, rules: list[ModerationRule], *, full: bool,
+                      on_stored: Callable[[list[int], list[int]], None]) -> bool:
+    """Page through the post's comments, newest first, with their replies (following the
+    replies' own pages), until a page that holds an already stored top-level comment, or to
+    the end when ``full``. Each page is stored, judged and handed to ``on_stored`` (new ids,
+    ids with an action) before the next is read. True when the read was complete."""
     params: dict[str, Any] = {"fields": f"{COMMENT_FIELDS},replies{{{COMMENT_FIELDS}}}", "limit": COMMENTS_PAGE_SIZE}
-    new_ids: list[int] = []
-    acts: list[int] = []
     newest: str | None = None
+    complete = False
     for _ in range(MAX_COMMENT_PAGES):
         page = graph_call(account, "GET", f"{watched.media_id}/comments", params=params)
-        items = page.get("data") if isinstance(page.get("data"), list) else []
+        items = [i for i in page.get("data") if isinstance(i, dict) and isinstance(i.get("id"), str)] \
+            if isinstance(page.get("data"), list) else []
         flat: list[dict[str, Any]] = []
         for item in items:
-            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-                log.warning("watched post %s: skipped a malformed comment", watched.id)
-                continue
             flat.append(item)
-            replies = item.get("replies", {}).get("data") if isinstance(item.get("replies"), dict) else None
-            flat.extend(r for r in replies or [] if isinstance(r, dict) and isinstance(r.get("id"), str))
-        newest = newest or (flat[0]["id"] if flat else None)
-        met_known, page_new, page_acts = store_comments(account, watched, flat, rules, top_level={i.get("id") for i in items if isinstance(i, dict)})
-        new_ids += page_new
-        acts += page_acts
-        paging = page.get("paging") if isinstance(page.get("paging"), dict) else {}
-        cursors = paging.get("cursors") if isinstance(paging.get("cursors"), dict) else {}
-        if met_known or not paging.get("next") or not isinstance(cursors.get("after"), str):
+            flat.extend(read_replies(account, item))
+        newest = newest or (items[0]["id"] if items else None)
+        met_known, new_ids, acts = store_comments(account, watched, flat, rules, top_level={i["id"] for i in items})
+        on_stored(new_ids, acts)
+        after = _next_cursor(page)
+        if (met_known and not full) or after is None:
+            complete = True
             break
-        params = {**params, "after": cursors["after"]}
+        params = {**params, "after": after}
     if newest:
         with session() as db:
             update_where(db, MonitoredPost, [MonitoredPost.id == watched.id], last_comment_id=newest)
             db.commit()
-    return new_ids, acts
+    return complete
+
+
+def read_replies(account: Account, comment: dict[str, Any]) -> list[dict[str, Any]]:
+    """A comment's replies: those embedded in the page, then their further pages."""
+    embedded = comment.get("replies") if isinstance(comment.get("replies"), dict) else {}
+    replies = [r for r in embedded.get("data") or [] if isinstance(r, dict) and isinstance(r.get("id"), str)] \
+        if isinstance(embedded.get("data"), list) else []
+    after = _next_cursor(embedded)
+    for _ in range(MAX_COMMENT_PAGES):
+        if after is None:
+            break
+        page = graph_call(account, "GET", f"{comment['id']}/replies",
+                          params={"fields": COMMENT_FIELDS, "limit": COMMENTS_PAGE_SIZE, "after": after})
+        data = page.get("data") if isinstance(page.get("data"), list) else []
+        replies += [r for r in data if isinstance(r, dict) and isinstance(r.get("id"), str)]
+        after = _next_cursor(page)
+    return replies
+
+
+def take_stale_comments(post_id: int) -> list[int]:
+    """Comments of the post whose action was decided but never carried out (a poll cut short
+    before its tasks were sent, a lost task); due again from now."""
+    now = utcnow()
+    with session() as db:
+        ids = db.exec(select(Comment.id).where(
+            Comment.monitored_post_id == post_id,
+            Comment.action_status.in_([ActionStatus.pending, ActionStatus.acting]),
+            Comment.received_at < now - timedelta(seconds=settings.stale_after),
+            sa.or_(Comment.claimed_until.is_(None), Comment.claimed_until < now),
+        ).limit(REDISPATCH_BATCH)).all()
+        if ids:
+            update_where(db, Comment, [Comment.id.in_(ids)], received_at=now)
+            db.commit()
+            log.warning("watched post %s: sending %d unfinished moderation actions again", post_id, len(ids))
+    return list(ids)
+
+
+def _dispatch_comments(comment_ids: list[int]) -> None:
+    for comment_id in comment_ids:
+        moderate_comment.delay(comment_id)
+
+
+def _next_cursor(page: dict[str, Any]) -> str | None:
+    """The ``after`` cursor when Graph says there is a next page (used within one read only:
+    cursors die when items are deleted, so they are never stored)."""
+    paging = page.get("paging") if isinstance(page.get("paging"), dict) else {}
+    cursors = paging.get("cursors") if isinstance(paging.get("cursors"), dict) else {}
+    after = cursors.get("after")
+    return after if paging.get("next") and isinstance(after, str) and after else None
 
 
 def store_comments(account: Account, watched: MonitoredPost, items: list[dict[str, Any]],

@@ -181,3 +181,47 @@ def test_monitor_and_moderation_cli(account, db):
         assert done.returncode == 2 and says in done.stderr and done.stderr.count("\n") == 1, (args, done.stderr)
     assert cli("monitor", "remove", "1").returncode == 0
     assert cli("monitor", "remove", "99").returncode == 2
+
+
+def test_replies_under_older_comments_are_found_by_the_full_read(account, fake_graph):
+    media = fake_graph.add_media(account.ig_user_id)
+    oldest = fake_graph.add_comment(media, "the oldest")
+    fake_graph.add_comments(media, 120)
+    watched = watch(account, media)
+    assert instaqueue.poll_post_comments(watched) == 121  # the first poll reads everything
+    fake_graph.add_comment(media, "late reply", parent_id=oldest)
+    assert instaqueue.poll_post_comments(watched) == 0  # a normal poll stops at the first known page
+    assert watched_row(watched).full_read_due_at > instaqueue.utcnow() + timedelta(hours=23)
+    with instaqueue.session() as s:
+        instaqueue.update_where(s, MonitoredPost, [MonitoredPost.id == watched], full_read_due_at=instaqueue.utcnow())
+        s.commit()
+    assert instaqueue.poll_post_comments(watched) == 1
+    assert comments(text="late reply")[0].parent_id == oldest
+
+
+def test_every_reply_of_a_long_thread_is_read(account, fake_graph):
+    media = fake_graph.add_media(account.ig_user_id)
+    thread = fake_graph.add_comment(media, "giveaway!")
+    fake_graph.add_comments(media, 80, parent_id=thread, text_fn=lambda i: f"me {i}")
+    watched = watch(account, media)
+    assert instaqueue.poll_post_comments(watched) == 81
+    assert len(comments(parent_id=thread)) == 80
+
+
+def test_a_poll_cut_short_reads_everything_next_time_and_loses_no_action(account, fake_graph):
+    media = fake_graph.add_media(account.ig_user_id)
+    add_rule(account, "block", "spam")
+    fake_graph.add_comments(media, 60, text_fn=lambda i: "spam" if i == 0 else f"ok {i}")  # the spam is the oldest
+    watched = watch(account, media)
+    instaqueue.poll_post_comments(watched)
+    fake_graph.add_comments(media, 60, text_fn=lambda i: f"new {i}")
+    fake_graph.fail(500, code=2, times=1, method="GET", path_contains=f"/{media}/comments")
+    with instaqueue.session() as s:  # make this poll a normal one, then break its second page
+        instaqueue.update_where(s, MonitoredPost, [MonitoredPost.id == watched],
+                                full_read_due_at=instaqueue.utcnow() + timedelta(hours=1))
+        s.commit()
+    instaqueue.poll_post_comments(watched)
+    assert watched_row(watched).full_read_due_at <= instaqueue.utcnow()
+    instaqueue.poll_post_comments(watched)
+    assert len(comments()) == 120
+    assert [c.text for c in comments(action="hide")] == ["spam"]
