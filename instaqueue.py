@@ -51,6 +51,8 @@ import os
 import random
 import re
 import secrets
+import signal
+import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -63,9 +65,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import httpx
 import sqlalchemy as sa
 from celery import Celery, signals
+from celery.beat import PersistentScheduler
 from celery.schedules import crontab
 from kombu import Queue
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -128,6 +131,13 @@ class Settings(BaseSettings):
     usage_slowdown_percent: float = 75.0
 
     worker_concurrency: int = 4
+    #: On SIGTERM a worker finishes running tasks for this long, then requeues what is left.
+    shutdown_grace: float = 60.0
+    #: Flower's ``user:password`` (several comma-separated); required unless Flower is bound
+    #: to loopback with ``flower_insecure_local`` set.
+    flower_basic_auth: SecretStr | None = None
+    flower_address: str = "0.0.0.0"
+    flower_insecure_local: bool = False
     #: Redis redelivers a message not acked within this time; every ETA must stay far below it.
     visibility_timeout: float = 3600.0
 
@@ -172,7 +182,7 @@ class Settings(BaseSettings):
         "graph_timeout", "dm_poll_interval", "comment_poll_interval", "comment_poll_max_interval",
         "scheduled_check_interval", "retry_base", "retry_cap", "rate_limit_backoff",
         "visibility_timeout", "publish_grace", "container_check_interval", "publish_stuck_after",
-        "comment_watch_days",
+        "comment_watch_days", "shutdown_grace",
     )
     @classmethod
     def _check_positive(cls, value: float) -> float:
@@ -206,6 +216,17 @@ class Settings(BaseSettings):
     def _check_percent(cls, value: float) -> float:
         if not 0 < value < 100:
             raise ValueError("must be a percentage between 0 and 100")
+        return value
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _check_basic_auth(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        for pair in value.get_secret_value().split(","):
+            user, _, password = pair.partition(":")
+            if not user.strip() or not password:
+                raise ValueError("expected user:password (several separated by commas)")
         return value
 
     @field_validator("timezone")
@@ -737,6 +758,66 @@ def try_lock(name: str, ttl: float) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_RENEW_SCRIPT = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                 "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0")
+
+
+class LeaderLock:
+    """A lock one process keeps for as long as it renews it: beat's, so exactly one beat
+    sends. On Redis the key expires ``ttl`` seconds after the last renewal, so a killed
+    holder is replaced within ``ttl``; on the embedded defaults (one machine) it is an
+    ``flock`` held for the process's life, which the kernel frees when the process dies."""
+
+    def __init__(self, name: str, ttl: float) -> None:
+        self.name, self.ttl, self.token = name, ttl, secrets.token_hex(8)
+        self._handle: Any = None
+
+    def hold(self) -> bool:
+        """Take or renew the lock; False while another process holds it."""
+        client = get_redis()
+        if client is not None:
+            key, ttl_ms = f"instaqueue:lock:{self.name}", int(self.ttl * 1000)
+            if client.eval(_RENEW_SCRIPT, 1, key, self.token, ttl_ms) == 1:
+                return True
+            return bool(client.set(key, self.token, nx=True, px=ttl_ms))
+        if self._handle is None:
+            folder = settings.data_dir / "locks"
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = open(folder / f"{self.name}.leader", "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                return False
+            self._handle = handle
+        return True
+
+
+#: Where beat's heartbeat lives (Redis key, or a file on the embedded defaults).
+BEAT_HEARTBEAT_KEY = "instaqueue:beat:heartbeat"
+
+
+def record_beat_heartbeat() -> None:
+    client = get_redis()
+    if client is not None:
+        client.set(BEAT_HEARTBEAT_KEY, repr(time.time()), ex=3600)
+        return
+    path = settings.data_dir / "beat.heartbeat"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(repr(time.time()))
+
+
+def beat_heartbeat_age() -> float | None:
+    """Seconds since the active beat's last tick; None when no beat ever ticked."""
+    client = get_redis()
+    if client is not None:
+        value = client.get(BEAT_HEARTBEAT_KEY)
+    else:
+        path = settings.data_dir / "beat.heartbeat"
+        value = path.read_text() if path.exists() else None
+    return time.time() - float(value) if value else None
 
 
 # Graph API client ############################################################################
@@ -1305,6 +1386,10 @@ app.conf.update(
     worker_concurrency=settings.worker_concurrency,
     broker_connection_retry_on_startup=True,
     result_expires=timedelta(days=1),
+    # After SIGTERM's grace (below), the cold shutdown first gives tasks this soft second,
+    # then stops them and requeues their messages (late acks).
+    worker_soft_shutdown_timeout=1.0,
+    worker_enable_soft_shutdown_on_idle=True,
     timezone=settings.timezone,
     enable_utc=True,
 )
@@ -1319,6 +1404,17 @@ def _forget_inherited_connections(**_: Any) -> None:
     if _engine is not None:
         _engine.dispose(close=False)
     _engine, _client, _redis = None, None, None
+
+
+@signals.worker_shutting_down.connect
+def _bound_the_warm_shutdown(how: str | None = None, **_: Any) -> None:
+    """Celery's warm shutdown (SIGTERM) waits for running tasks without limit. After the grace
+    period, turn it into a cold shutdown: running tasks are stopped and, acked late, their
+    messages go back to the queue for another worker."""
+    if how == "Warm":
+        timer = threading.Timer(settings.shutdown_grace, os.kill, (os.getpid(), signal.SIGQUIT))
+        timer.daemon = True
+        timer.start()
 
 
 # Tasks #######################################################################################
@@ -2560,11 +2656,39 @@ app.conf.beat_schedule = {
 }
 
 
-@signals.beat_init.connect
-def _check_posts_at_start(**_: Any) -> None:
-    """Beat's first interval run comes one interval after start: a post due in the first
-    minute after a deploy would go out late. Check once right away."""
-    check_scheduled_posts.apply_async()
+#: The active beat's lock expires this long after its last tick; a standby takes over then.
+BEAT_LOCK_TTL = 10.0
+#: How often a standby beat tries to take over.
+BEAT_STANDBY_RETRY = 1.0
+
+
+class SingleBeatScheduler(PersistentScheduler):
+    """Celery's scheduler, sending only while it holds beat's lock, renewed on every tick, so
+    that exactly one beat sends however many are started. A standby checks every second and
+    takes over within ``BEAT_LOCK_TTL`` of the active one's death. On taking over it checks
+    scheduled posts at once: beat's first interval run comes one interval after start, and a
+    post due in the first minute after a deploy would go out late."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._lock = LeaderLock("beat", BEAT_LOCK_TTL)
+        self._leading: bool | None = None
+        super().__init__(*args, **kwargs)
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        if not self._lock.hold():
+            if self._leading is not False:
+                log.warning("another beat is active; this one stands by")
+            self._leading = False
+            return BEAT_STANDBY_RETRY
+        if not self._leading:
+            self._leading = True
+            log.warning("this beat is now the active one")
+            check_scheduled_posts.apply_async()
+        record_beat_heartbeat()
+        return min(super().tick(*args, **kwargs), BEAT_LOCK_TTL / 4)
+
+
+app.conf.beat_scheduler = SingleBeatScheduler
 
 
 # CLI #########################################################################################
@@ -2593,6 +2717,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("flower", "run the Flower monitoring UI on port 5555")):
         commands.add_parser(name, help=text, description=f"{text}; extra arguments go to celery")
     commands.add_parser("initdb", help="create the tables")
+    commands.add_parser("health", help="exit 0 only when broker, database, a worker and beat answer")
+    status = commands.add_parser("status", help="queues, workers, beat, and what waits")
+    status.add_argument("--json", action="store_true", help="one JSON object")
 
     accounts = commands.add_parser("accounts", help="Instagram accounts").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
@@ -2706,8 +2833,114 @@ def _cmd_celery(args: argparse.Namespace) -> int:
     elif args.command == "beat":
         app.start(["beat", "-l", "INFO", "--schedule", str(settings.data_dir.resolve() / "beat-schedule"), *extra])
     else:
-        app.start(["flower", "--port=5555", *extra])
+        auth = settings.flower_basic_auth
+        loopback = settings.flower_address in ("127.0.0.1", "::1", "localhost")
+        if auth is None and not (loopback and settings.flower_insecure_local):
+            raise CommandError("refusing to start Flower without credentials: set INSTAQUEUE_FLOWER_BASIC_AUTH="
+                               "user:password, or bind INSTAQUEUE_FLOWER_ADDRESS=127.0.0.1 and opt out with "
+                               "INSTAQUEUE_FLOWER_INSECURE_LOCAL=true")
+        # Flower reads its options from FLOWER_* variables: the password stays out of argv
+        # (and so out of ps), and its unauthenticated API stays off.
+        os.environ.pop("FLOWER_UNAUTHENTICATED_API", None)
+        if auth is not None:
+            os.environ["FLOWER_BASIC_AUTH"] = auth.get_secret_value()
+        app.start(["flower", f"--address={settings.flower_address}", "--port=5555", *extra])
     return 0
+
+
+#: Beat's heartbeat older than this fails the health check (beat ticks at least every 2.5 s).
+BEAT_HEARTBEAT_MAX_AGE = 30.0
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    checks = [("broker", _check_broker), ("database", _check_database), ("workers", _check_workers),
+              ("beat", _check_beat)]
+    healthy = True
+    for name, check in checks:
+        try:
+            ok, detail = check()
+        except Exception as exc:  # any failure of a probe is that check failing, said in one line
+            ok, detail = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        healthy &= ok
+        print(f"{name}: {'ok' if ok else 'FAIL'} ({detail})")
+    return 0 if healthy else 1
+
+
+def _check_broker() -> tuple[bool, str]:
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=3)
+        return True, connection.as_uri()
+
+
+def _check_database() -> tuple[bool, str]:
+    with get_engine().connect() as connection:
+        connection.execute(sa.text("SELECT 1"))
+    return True, make_url(settings.effective_database_url).render_as_string(hide_password=True)
+
+
+def _check_workers() -> tuple[bool, str]:
+    replies = app.control.ping(timeout=2)
+    return bool(replies), f"{len(replies)} answered" + (f": {', '.join(sorted(k for r in replies for k in r))}"
+                                                       if replies else "")
+
+
+def _check_beat() -> tuple[bool, str]:
+    age = beat_heartbeat_age()
+    if age is None:
+        return False, "no heartbeat: is a beat running?"
+    return age <= BEAT_HEARTBEAT_MAX_AGE, f"heartbeat {age:.1f} s ago"
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    create_tables()
+    now = utcnow()
+    report: dict[str, Any] = {"queues": queue_depths()}
+    try:
+        report["workers_online"] = len(app.control.ping(timeout=1))
+    except Exception:  # the broker is down: say so, keep the rest of the report
+        report["workers_online"] = None
+    age = beat_heartbeat_age()
+    report["beat_heartbeat_age_s"] = round(age, 1) if age is not None else None
+    with session() as db:
+        def count(model: Any, *where: Any) -> int:
+            return db.exec(select(sa.func.count()).select_from(model).where(*where)).one()
+
+        report.update(
+            dms_waiting=count(InboundMessage, InboundMessage.status.in_([MessageStatus.received, MessageStatus.sending])),
+            dms_for_human=count(InboundMessage, InboundMessage.status == MessageStatus.needs_human),
+            dms_failed=count(InboundMessage, InboundMessage.status == MessageStatus.failed),
+            posts_due=count(ScheduledPost, ScheduledPost.status.in_([PostStatus.scheduled, PostStatus.queued]),
+                            ScheduledPost.publish_at <= now + timedelta(seconds=settings.scheduled_check_interval)),
+            posts_failed=count(ScheduledPost, ScheduledPost.status == PostStatus.failed),
+            posts_unconfirmed=count(ScheduledPost, ScheduledPost.status == PostStatus.unconfirmed),
+            moderation_pending=count(Comment, Comment.action_status.in_([ActionStatus.pending, ActionStatus.acting])),
+            accounts_needing_reauth=count(Account, Account.state == AccountState.needs_reauth),
+        )
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+        return 0
+    depths = report.pop("queues")
+    print("queues: " + ", ".join(f"{q} {n if n is not None else '?'}" for q, n in depths.items()))
+    for key, value in report.items():
+        print(f"{key.replace('_', ' ')}: {'?' if value is None else value}")
+    return 0
+
+
+def queue_depths() -> dict[str, int | None]:
+    """Messages waiting per queue: on Redis every priority list of the queue; on the embedded
+    broker the message files for it. None for a queue that could not be read."""
+    client = get_redis()
+    depths: dict[str, int | None] = {}
+    for queue in QUEUES:
+        try:
+            if client is not None:
+                depths[queue] = sum(client.llen(key) for key in [queue, *client.scan_iter(f"{queue}\x06\x16*")])
+            else:
+                folder = Path(broker_config(settings)["broker_transport_options"]["data_folder_in"])
+                depths[queue] = sum(1 for f in folder.glob(f"*.{queue}.msg")) if folder.exists() else 0
+        except Exception:  # noqa: BLE001 - the broker is down; the report says '?'
+            depths[queue] = None
+    return depths
 
 
 def _cmd_initdb(args: argparse.Namespace) -> int:
@@ -2954,6 +3187,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "worker": _cmd_celery, "run": _cmd_celery, "beat": _cmd_celery, "flower": _cmd_celery,
     "initdb": _cmd_initdb, "accounts": _cmd_accounts, "rules": _cmd_rules, "posts": _cmd_posts,
     "monitor": _cmd_monitor, "moderation": _cmd_moderation, "analytics": _cmd_analytics,
+    "health": _cmd_health, "status": _cmd_status,
 }
 
 #: Longest reply the Send API takes for a text message, in bytes.
