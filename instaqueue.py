@@ -44,6 +44,7 @@ import contextlib
 import csv
 import enum
 import fcntl
+import io
 import json
 import logging
 import math
@@ -130,6 +131,17 @@ class Settings(BaseSettings):
     #: Usage (percent of a Graph allowance) from which an account's polling slows down.
     usage_slowdown_percent: float = 75.0
 
+    #: OpenAI-compatible chat-completions endpoint for grounded replies; unset, no LLM is used.
+    llm_url: str | None = None
+    llm_model: str = "gpt-4o-mini"
+    llm_api_key: SecretStr | None = None
+    llm_timeout: float = 20.0
+    #: A knowledge-base answer is sent as the reply only at or above this relevance score
+    #: (PostgreSQL's ts_rank scale: a good match scores about 0.05 to 0.2).
+    kb_min_score: float = 0.08
+    #: Phrases that hand a conversation to a human (comma-separated, whole words).
+    handoff_phrases: str = "agent, human, real person"
+
     worker_concurrency: int = 4
     #: On SIGTERM a worker finishes running tasks for this long, then requeues what is left.
     shutdown_grace: float = 60.0
@@ -170,6 +182,16 @@ class Settings(BaseSettings):
             raise ValueError("only postgresql+psycopg:// and sqlite:// are supported")
         return value
 
+    @field_validator("llm_url")
+    @classmethod
+    def _check_llm_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected the http(s) URL of a chat-completions endpoint")
+        return value
+
     @field_validator("graph_api_url")
     @classmethod
     def _check_graph_api_url(cls, value: str) -> str:
@@ -182,7 +204,7 @@ class Settings(BaseSettings):
         "graph_timeout", "dm_poll_interval", "comment_poll_interval", "comment_poll_max_interval",
         "scheduled_check_interval", "retry_base", "retry_cap", "rate_limit_backoff",
         "visibility_timeout", "publish_grace", "container_check_interval", "publish_stuck_after",
-        "comment_watch_days", "shutdown_grace",
+        "comment_watch_days", "shutdown_grace", "llm_timeout",
     )
     @classmethod
     def _check_positive(cls, value: float) -> float:
@@ -457,6 +479,10 @@ class InboundMessage(SQLModel, table=True):
     status: MessageStatus = Field(default=MessageStatus.received, sa_type=sa.String(20))
     reply_text: str | None = None
     reply_rule_id: int | None = None
+    #: Which path chose the reply: rule, llm, kb, or human (nobody: left for a person).
+    reply_path: str | None = Field(default=None, sa_type=sa.String(10))
+    #: Knowledge-base entries the reply was grounded in.
+    reply_entry_ids: list[int] = Field(default_factory=list, sa_type=sa.JSON)
     reply_graph_message_id: str | None = None
     replied_at: datetime | None = _timestamp(default=None)
     #: Transient failures so far; the retry schedule is computed from it.
@@ -653,6 +679,49 @@ class DailyAnalytics(SQLModel, table=True):
     complete: bool = True
     problems: str | None = None
     generated_at: datetime = _timestamp(default_factory=utcnow)
+
+
+class KnowledgeEntry(SQLModel, table=True):
+    """An account's knowledge-base entry. On PostgreSQL a generated ``search`` tsvector column
+    with a GIN index (added by DDL below) makes retrieval an index lookup."""
+
+    __tablename__ = "knowledge_entry"
+
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: int = Field(foreign_key="account.id", index=True, ondelete="CASCADE")
+    title: str
+    answer: str
+    tags: str = ""
+    enabled: bool = True
+    created_at: datetime = _timestamp(default_factory=utcnow)
+
+
+#: PostgreSQL text-search configuration for the knowledge base (stemming, stop words).
+KB_SEARCH_CONFIG = "english"
+#: ts_rank weights for {D, C, B, A} = {-, answer, tags, title}, with length normalisation 1:
+#: on the 30 paraphrased questions of the tests, 29 rank their entry first (26 with the
+#: default weights and no normalisation).
+KB_RANK_WEIGHTS = sa.literal_column("'{0.2,0.4,0.8,1.0}'::real[]")
+
+sa.event.listen(KnowledgeEntry.__table__, "after_create", sa.DDL(
+    f"ALTER TABLE knowledge_entry ADD COLUMN search tsvector GENERATED ALWAYS AS ("
+    f"setweight(to_tsvector('{KB_SEARCH_CONFIG}', coalesce(title, '')), 'A') || "
+    f"setweight(to_tsvector('{KB_SEARCH_CONFIG}', coalesce(tags, '')), 'B') || "
+    f"setweight(to_tsvector('{KB_SEARCH_CONFIG}', coalesce(answer, '')), 'C')) STORED; "
+    f"CREATE INDEX ix_knowledge_entry_search ON knowledge_entry USING GIN (search)").execute_if(dialect="postgresql"))
+
+
+class ConversationState(SQLModel, table=True):
+    """A conversation handed to a human: no automatic reply until someone resumes it."""
+
+    __tablename__ = "conversation_state"
+    __table_args__ = (sa.UniqueConstraint("account_id", "conversation_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: int = Field(foreign_key="account.id", ondelete="CASCADE")
+    conversation_id: str = Field(sa_type=sa.String(255))
+    handed_off_at: datetime | None = _timestamp(default=None)
+    reason: str | None = None
 
 
 # Database helpers ############################################################################
@@ -1035,6 +1104,9 @@ def next_retry_delay(failures: int, *, policy: Settings | None = None,
                        jitter=policy.retry_jitter, rand=rand)
 
 
+#: Longest automatic reply, in bytes (the Send API's limit for a text message).
+MAX_REPLY_BYTES = 1000
+
 #: Characters that render as nothing and are used to slip words past filters.
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
 
@@ -1314,6 +1386,192 @@ def post_problems(*, kind: str, media: list[dict[str, str]], caption: str, publi
             problems.append(f"publish time {publish_at:%Y-%m-%d %H:%M:%S %Z} is {late:.0f} s in the past "
                             f"(more than the {grace:.0f} s grace)")
     return problems
+
+
+# Replies from the knowledge base and an LLM ###################################################
+
+#: Entries retrieved for a DM, and turns of the conversation given to the LLM.
+KB_TOP_K = 3
+LLM_HISTORY_TURNS = 3
+#: Instagram's standard messaging window: no automatic reply after it.
+REPLY_WINDOW = timedelta(hours=24)
+_WORD = re.compile(r"\w+")
+_SUFFIXES = ("ings", "ing", "ies", "es", "ed", "s")
+#: The SQLite overlap score (0 to 1) times this is on PostgreSQL's ts_rank scale.
+SIMPLE_SCORE_SCALE = 0.2
+
+
+def keywords(text: str) -> list[str]:
+    """The words of a message worth searching for, folded, at most 32."""
+    return list(dict.fromkeys(w for w in _WORD.findall(normalize_text(text)) if len(w) > 1))[:32]
+
+
+def _stem(word: str) -> str:
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)]
+    return word
+
+
+def simple_score(question: str, entry: KnowledgeEntry) -> float:
+    """Relevance in [0, 1] for the SQLite development store: the share of the question's
+    stemmed words found in the title (weight 1), tags (0.6) or answer (0.3)."""
+    words = {_stem(w) for w in keywords(question)}
+    if not words:
+        return 0.0
+    fields = [({_stem(w) for w in keywords(text)}, weight)
+              for text, weight in ((entry.title, 1.0), (entry.tags, 0.6), (entry.answer, 0.3))]
+    return sum(max((weight for found, weight in fields if w in found), default=0.0) for w in words) / len(words)
+
+
+def retrieve_entries(account_id: int, question: str, limit: int = KB_TOP_K) -> list[tuple[KnowledgeEntry, float]]:
+    """The account's enabled entries that best answer ``question``, best first, with scores.
+    PostgreSQL: full-text search on the generated tsvector (GIN index), any word may match
+    (``websearch_to_tsquery`` of "w1 or w2 ..."), ranked by ``ts_rank``. SQLite: a simple
+    word-overlap score, good enough for development."""
+    words = keywords(question)
+    if not words:
+        return []
+    with session() as db:
+        if db.get_bind().dialect.name == "postgresql":
+            query = sa.func.websearch_to_tsquery(KB_SEARCH_CONFIG, " or ".join(words))
+            search = sa.literal_column("knowledge_entry.search")
+            score = sa.func.ts_rank(KB_RANK_WEIGHTS, search, query, 1).label("score")
+            rows = db.exec(select(KnowledgeEntry, score).where(
+                KnowledgeEntry.account_id == account_id, KnowledgeEntry.enabled, search.op("@@")(query),
+            ).order_by(score.desc(), KnowledgeEntry.id).limit(limit)).all()
+            return [(entry, float(value)) for entry, value in rows]
+        entries = db.exec(select(KnowledgeEntry).where(KnowledgeEntry.account_id == account_id,
+                                                       KnowledgeEntry.enabled)).all()
+    scored = sorted(((e, simple_score(question, e)) for e in entries), key=lambda p: (-p[1], p[0].id or 0))
+    # Scaled to ts_rank's range so that one threshold (kb_min_score) serves both stores.
+    return [(e, score * SIMPLE_SCORE_SCALE) for e, score in scored[:limit] if score > 0]
+
+
+def build_llm_messages(question: str, entries: Sequence[KnowledgeEntry], history: Sequence[tuple[str, str]],
+                       *, username: str) -> list[dict[str, str]]:
+    """The chat: only the retrieved entries and the recent turns, with an instruction to say
+    so when the entries do not hold the answer rather than invent one."""
+    listed = "\n".join(f"[{i}] {e.title}\n{e.answer}" for i, e in enumerate(entries, 1))
+    system = (f"You answer Instagram direct messages for @{username}. Use only the knowledge-base entries "
+              f"below. If they do not contain the answer, say that you do not know and that a person from the "
+              f"team will follow up; never invent facts, prices, dates or promises. Reply in the customer's "
+              f"language, in plain text, in at most three short sentences.\n\nKnowledge base:\n{listed}")
+    messages = [{"role": "system", "content": system}]
+    for asked, answered in history:
+        messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
+    return messages + [{"role": "user", "content": question}]
+
+
+def truncate_bytes(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, at a word boundary, with an ellipsis."""
+    if len(text.encode()) <= limit:
+        return text
+    cut = text.encode()[: limit - len("…".encode())].decode(errors="ignore")
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" ,.;:") + "…"
+
+
+_llm: httpx.Client | None = None
+
+
+def ask_llm(messages: list[dict[str, str]]) -> str:
+    """One chat completion: the answer text, or TransientError (timeout, 5xx, 429) or
+    MalformedPayload (no usable answer, or one over the Send API's size) for the caller's
+    fallback. The API key is sent only in the Authorization header."""
+    global _llm
+    if _llm is None:
+        _llm = httpx.Client(timeout=httpx.Timeout(settings.llm_timeout, connect=min(settings.llm_timeout, 5.0)))
+    headers = {"Authorization": f"Bearer {settings.llm_api_key.get_secret_value()}"} if settings.llm_api_key else {}
+    try:
+        response = _llm.post(settings.llm_url, json={"model": settings.llm_model, "temperature": 0,
+                                                     "messages": messages}, headers=headers)
+    except httpx.TimeoutException:
+        raise TransientError("the LLM timed out") from None
+    except httpx.TransportError as exc:
+        raise TransientError(f"the LLM is unreachable ({type(exc).__name__})") from None
+    if response.status_code >= 500 or response.status_code == 429:
+        raise TransientError(f"the LLM answered HTTP {response.status_code}")
+    try:
+        content = response.json()["choices"][0]["message"]["content"]
+    except (ValueError, LookupError, TypeError):
+        raise MalformedPayload(f"the LLM answered HTTP {response.status_code} without a message") from None
+    if not isinstance(content, str) or not content.strip():
+        raise MalformedPayload("the LLM answered an empty message")
+    if len(content.strip().encode()) > MAX_REPLY_BYTES:
+        raise MalformedPayload(f"the LLM's answer is over {MAX_REPLY_BYTES} bytes")
+    return content.strip()
+
+
+@dataclass(frozen=True)
+class ReplyChoice:
+    """The reply for a DM and the path that chose it; ``text`` None leaves it for a person."""
+
+    text: str | None
+    path: str
+    reason: str = ""
+    rule_id: int | None = None
+    entry_ids: tuple[int, ...] = ()
+
+
+def choose_reply_for(message: InboundMessage, account: Account, rules: Sequence[ReplyRule], *,
+                     llm_may_retry: bool) -> ReplyChoice:
+    """Rule, then an LLM answer grounded in the best entries, then the best entry itself when
+    it scores high enough, then a person. Never outside the 24-hour window, never in a
+    conversation handed to a human. An LLM that fails falls back down the chain; a transient
+    failure is raised instead while ``llm_may_retry``."""
+    if utcnow() - message.created_time > REPLY_WINDOW:
+        return ReplyChoice(None, "human", "outside Instagram's 24-hour reply window")
+    if handed_off(account.id, message.conversation_id):
+        return ReplyChoice(None, "human", "conversation handed to a human")
+    if find_blocked(settings.handoff_phrases, message.text):
+        hand_off(account.id, message.conversation_id, f"asked for a person: {message.text[:200]}")
+        return ReplyChoice(None, "human", "asked for a person")
+    rule = choose_reply(message.text, rules)
+    if rule is not None:
+        return ReplyChoice(rule.reply, "rule", rule_id=rule.id)
+    found = retrieve_entries(account.id, message.text)
+    if found and settings.llm_url:
+        try:
+            answer = ask_llm(build_llm_messages(message.text, [e for e, _ in found],
+                                                conversation_history(message), username=account.username))
+            return ReplyChoice(answer, "llm", entry_ids=tuple(e.id for e, _ in found))
+        except TransientError:
+            if llm_may_retry:
+                raise
+            log.warning("DM %s: the LLM stayed unavailable; falling back", message.id)
+        except MalformedPayload as exc:
+            log.warning("DM %s: unusable LLM answer (%s); falling back", message.id, exc)
+    if found and found[0][1] >= settings.kb_min_score:
+        best = found[0][0]
+        return ReplyChoice(truncate_bytes(best.answer, MAX_REPLY_BYTES), "kb", entry_ids=(best.id,))
+    return ReplyChoice(None, "human", "no rule or knowledge-base entry answers it")
+
+
+def conversation_history(message: InboundMessage) -> list[tuple[str, str]]:
+    """The last answered turns of the conversation before this message."""
+    with session() as db:
+        earlier = db.exec(select(InboundMessage.text, InboundMessage.reply_text).where(
+            InboundMessage.conversation_id == message.conversation_id, InboundMessage.id != message.id,
+            InboundMessage.created_time <= message.created_time, InboundMessage.status == MessageStatus.replied,
+        ).order_by(InboundMessage.created_time.desc()).limit(LLM_HISTORY_TURNS)).all()
+    return [(asked, answered or "") for asked, answered in reversed(earlier)]
+
+
+def handed_off(account_id: int, conversation_id: str) -> bool:
+    with session() as db:
+        return db.exec(select(ConversationState.id).where(
+            ConversationState.account_id == account_id, ConversationState.conversation_id == conversation_id,
+            ConversationState.handed_off_at.is_not(None))).first() is not None
+
+
+def hand_off(account_id: int, conversation_id: str, reason: str) -> None:
+    with session() as db:
+        statement = dialect_insert(db, ConversationState).values(
+            account_id=account_id, conversation_id=conversation_id, handed_off_at=utcnow(), reason=reason)
+        db.execute(statement.on_conflict_do_update(index_elements=["account_id", "conversation_id"],
+                                                   set_={"handed_off_at": utcnow(), "reason": reason}))
+        db.commit()
+    log.info("account %s: conversation %s handed to a human", account_id, conversation_id[:40])
 
 
 # Celery app ##################################################################################
@@ -1608,15 +1866,27 @@ def process_instagram_message(self: Any, message_id: int) -> str:
     if account.state != AccountState.active:
         return "account parked"  # the poll sends it again once the account is back
     if message.status == MessageStatus.received:
-        rule = choose_reply(message.text, rules)
-        if rule is None:
+        try:
+            choice = choose_reply_for(message, account, rules,
+                                      llm_may_retry=message.attempts < settings.max_retries)
+        except TransientError as exc:  # the LLM: the shared schedule, then the fallback
+            failures = message.attempts + 1
+            delay = next_retry_delay(failures) or settings.retry_base
             with session() as db:
                 update_where(db, InboundMessage, [InboundMessage.id == message_id,
                                                   InboundMessage.status == MessageStatus.received],
-                             status=MessageStatus.needs_human, last_error="no reply rule matched")
+                             attempts=failures, last_error=str(exc), next_attempt_at=utcnow() + timedelta(seconds=delay))
+                db.commit()
+            raise self.retry(countdown=delay, max_retries=None, exc=exc)
+        if choice.text is None:
+            with session() as db:
+                update_where(db, InboundMessage, [InboundMessage.id == message_id,
+                                                  InboundMessage.status == MessageStatus.received],
+                             status=MessageStatus.needs_human, reply_path=choice.path, last_error=choice.reason)
                 db.commit()
             return MessageStatus.needs_human
-        claim = claim_message(message_id, reply_text=rule.reply, rule_id=rule.id)
+        claim = claim_message(message_id, reply_text=choice.text, rule_id=choice.rule_id, path=choice.path,
+                              entry_ids=list(choice.entry_ids))
         look_first = False
     else:
         claim = claim_message(message_id)
@@ -1650,15 +1920,15 @@ def process_instagram_message(self: Any, message_id: int) -> str:
     return MessageStatus.replied
 
 
-def claim_message(message_id: int, *, reply_text: str | None = None,
-                  rule_id: int | None = None) -> tuple[str, InboundMessage] | None:
+def claim_message(message_id: int, *, reply_text: str | None = None, rule_id: int | None = None,
+                  path: str = "rule", entry_ids: list[int] | None = None) -> tuple[str, InboundMessage] | None:
     """Take a fresh message (with its chosen reply) or, without ``reply_text``, one left in
     ``sending`` whose claim has run out. Returns the claim token and the claimed row."""
     now, token = utcnow(), secrets.token_hex(8)
     lease_end = now + timedelta(seconds=settings.message_lease)
     if reply_text is not None:
         where = [InboundMessage.status == MessageStatus.received]
-        values = dict(reply_text=reply_text, reply_rule_id=rule_id)
+        values = dict(reply_text=reply_text, reply_rule_id=rule_id, reply_path=path, reply_entry_ids=entry_ids or [])
     else:
         where = [InboundMessage.status == MessageStatus.sending,
                  sa.or_(InboundMessage.claimed_until.is_(None), InboundMessage.claimed_until <= now)]
@@ -2775,6 +3045,26 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=["csv", "json"])
     export.add_argument("--account", type=_positive_int)
 
+    kb = commands.add_parser("kb", help="knowledge base for replies").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    add = kb.add_parser("add", help="add an entry")
+    add.add_argument("--account", required=True, type=_positive_int)
+    add.add_argument("--title", required=True, type=_nonempty)
+    add.add_argument("--answer", required=True, type=_nonempty)
+    add.add_argument("--tags", default="")
+    load = kb.add_parser("import", help="add entries from a CSV (title,answer[,tags]) or JSONL file")
+    load.add_argument("--account", required=True, type=_positive_int)
+    load.add_argument("file", type=Path)
+    listing = kb.add_parser("list", help="entries")
+    listing.add_argument("--account", type=_positive_int)
+    remove = kb.add_parser("remove", help="delete an entry")
+    remove.add_argument("id", type=_positive_int)
+    conversations = commands.add_parser("conversations", help="conversations handed to a human").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    conversations.add_parser("list", help="conversations waiting for a person")
+    resume = conversations.add_parser("resume", help="let automatic replies answer this conversation again")
+    resume.add_argument("id", type=_positive_int, help="id from conversations list")
+
     monitor = commands.add_parser("monitor", help="posts whose comments are watched").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
     add = monitor.add_parser("add", help="watch a post's comments")
@@ -3114,6 +3404,94 @@ def _cmd_analytics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_kb(args: argparse.Namespace) -> int:
+    create_tables()
+    with session() as db:
+        if args.action in ("add", "import") and db.get(Account, args.account) is None:
+            raise CommandError(f"no account with id {args.account} (see: instaqueue accounts list)")
+        if args.action == "add":
+            entry = KnowledgeEntry(account_id=args.account, title=args.title, answer=args.answer, tags=args.tags)
+            db.add(entry)
+            db.commit()
+            print(f"entry {entry.id} added for account {args.account}")
+            return 0
+        if args.action == "import":
+            entries = read_kb_file(args.file)
+            for item in entries:
+                db.add(KnowledgeEntry(account_id=args.account, **item))
+            db.commit()
+            print(f"{len(entries)} entries imported for account {args.account}")
+            return 0
+        if args.action == "remove":
+            entry = db.get(KnowledgeEntry, args.id)
+            if entry is None:
+                raise CommandError(f"no entry with id {args.id} (see: instaqueue kb list)")
+            db.delete(entry)
+            db.commit()
+            print(f"entry {args.id} removed")
+            return 0
+        query = select(KnowledgeEntry).order_by(KnowledgeEntry.id)
+        if args.account:
+            query = query.where(KnowledgeEntry.account_id == args.account)
+        rows = db.exec(query).all()
+    _print_table(["id", "account", "title", "answer", "tags"],
+                 [[e.id, e.account_id, e.title[:40], e.answer[:60], e.tags or "-"] for e in rows])
+    return 0
+
+
+def read_kb_file(path: Path) -> list[dict[str, str]]:
+    """Entries from CSV (a header with title and answer, tags optional) or JSONL (objects with
+    the same keys); any bad line stops the import with its number, so nothing is half-loaded."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"cannot read {path}: {exc}") from None
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except ValueError as exc:
+                raise CommandError(f"{path}:{number}: not JSON ({exc})") from None
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or not {"title", "answer"} <= {f.strip().lower() for f in reader.fieldnames}:
+            raise CommandError(f"{path}: a CSV needs a header with title and answer (and optionally tags)")
+        rows = [(number, {k.strip().lower(): v for k, v in row.items() if k}) for number, row in enumerate(reader, 2)]
+    entries = []
+    for number, row in rows:
+        if not isinstance(row, dict):
+            raise CommandError(f"{path}:{number}: expected an object with title and answer")
+        title, answer, tags = (str(row.get(k) or "").strip() for k in ("title", "answer", "tags"))
+        if not title or not answer:
+            raise CommandError(f"{path}:{number}: title and answer must not be empty")
+        entries.append({"title": title, "answer": answer, "tags": tags})
+    if not entries:
+        raise CommandError(f"{path}: no entries found")
+    return entries
+
+
+def _cmd_conversations(args: argparse.Namespace) -> int:
+    create_tables()
+    with session() as db:
+        if args.action == "resume":
+            if not update_where(db, ConversationState, [ConversationState.id == args.id,
+                                                        ConversationState.handed_off_at.is_not(None)],
+                                handed_off_at=None):
+                raise CommandError(f"no conversation {args.id} waiting for a person (see: instaqueue conversations list)")
+            db.commit()
+            print(f"conversation {args.id}: automatic replies resumed")
+            return 0
+        rows = db.exec(select(ConversationState).where(ConversationState.handed_off_at.is_not(None))
+                       .order_by(ConversationState.id)).all()
+    _print_table(["id", "account", "conversation", "since", "reason"],
+                 [[c.id, c.account_id, c.conversation_id[:30], _when(c.handed_off_at), (c.reason or "-")[:60]]
+                  for c in rows])
+    return 0
+
+
 def _cmd_monitor(args: argparse.Namespace) -> int:
     create_tables()
     with session() as db:
@@ -3187,12 +3565,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "worker": _cmd_celery, "run": _cmd_celery, "beat": _cmd_celery, "flower": _cmd_celery,
     "initdb": _cmd_initdb, "accounts": _cmd_accounts, "rules": _cmd_rules, "posts": _cmd_posts,
     "monitor": _cmd_monitor, "moderation": _cmd_moderation, "analytics": _cmd_analytics,
-    "health": _cmd_health, "status": _cmd_status,
+    "health": _cmd_health, "status": _cmd_status, "kb": _cmd_kb, "conversations": _cmd_conversations,
 }
-
-#: Longest reply the Send API takes for a text message, in bytes.
-MAX_REPLY_BYTES = 1000
-
 
 def _ig_id(value: str) -> str:
     if not re.fullmatch(r"[0-9]{1,30}", value.strip()):
@@ -3210,6 +3584,12 @@ def _username(value: str) -> str:
 def _token(value: str) -> str:
     if not value.strip() or any(ch.isspace() for ch in value.strip()):
         raise argparse.ArgumentTypeError("the access token is empty or contains spaces")
+    return value.strip()
+
+
+def _nonempty(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
     return value.strip()
 
 
