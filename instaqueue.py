@@ -1,17 +1,24 @@
 """instaqueue: the background-job engine of an Instagram automation product.
 
-It polls an Instagram business account's DMs and answers them by the account's rules, on Celery
-with Redis as broker and result backend and PostgreSQL (or SQLite) as the store.
+It answers an Instagram business account's DMs (keyword rules, then a knowledge base and an
+optional LLM), moderates comments on watched posts, publishes scheduled posts on the second
+and exactly once, and rolls up daily analytics; on Celery with Redis as broker and result
+backend, PostgreSQL (or SQLite) as the store, and one beat as the scheduler.
 
 Run it::
 
     python -m instaqueue run                 # worker with embedded beat, on embedded defaults
-    python -m instaqueue initdb              # create the tables
+    python -m instaqueue worker              # queues high,default,low; extra arguments go to celery
+    python -m instaqueue beat                # the scheduler: a second one stands by
+    python -m instaqueue flower              # monitoring UI on port 5555 (needs credentials)
+    python -m instaqueue health | status [--json]
     python -m instaqueue accounts add --ig-user-id 1784... --username shop --access-token ...
     python -m instaqueue rules add --account 1 --match "price, cost" --reply "From 20 EUR."
-    python -m instaqueue worker              # queues high,default,low; extra arguments go to celery
-    python -m instaqueue beat                # the one scheduler
-    python -m instaqueue flower              # monitoring UI on port 5555
+    python -m instaqueue kb add|import|list|remove ...      conversations list|resume ID
+    python -m instaqueue posts schedule --account 1 --at 2026-12-01T09:30+01:00 --image-url https://...
+    python -m instaqueue monitor add --account 1 --media-id 1790...
+    python -m instaqueue moderation add --account 1 --block "spam" --action hide
+    python -m instaqueue analytics backfill|show|export ...
     celery -A instaqueue worker -Q high,default,low     # works too
 
 Environment (prefix ``INSTAQUEUE_``, also read from ``.env``):
@@ -21,10 +28,12 @@ Environment (prefix ``INSTAQUEUE_``, also read from ``.env``):
 - ``INSTAQUEUE_DATABASE_URL``: ``postgresql+psycopg://...`` in production; default a SQLite file
   in ``INSTAQUEUE_DATA_DIR`` (default ``./.instaqueue``).
 - ``INSTAQUEUE_GRAPH_API_URL``: the Graph host with a pinned API version.
-- Intervals and the retry policy: see :class:`Settings`.
+- ``INSTAQUEUE_LLM_URL``: an OpenAI-compatible chat-completions endpoint (optional).
+- Intervals, the retry policy and the rest: see :class:`Settings`.
 
 Sections, in dependency order (grep ``^# .* ###``): Settings, Errors, Tables, Database helpers,
-Locks, Graph API client, Pure logic, Celery app, Tasks, Beat schedule, CLI.
+Locks, Graph API client, Pure logic, Replies from the knowledge base and an LLM, Celery app,
+Tasks, Beat schedule, CLI.
 """
 
 from __future__ import annotations
@@ -1677,6 +1686,11 @@ def _bound_the_warm_shutdown(how: str | None = None, **_: Any) -> None:
 
 # Tasks #######################################################################################
 
+#: Task options for losing the database for a moment (a PostgreSQL restart): try again after
+#: 5, 10, 20, 40, 60... s instead of failing. Graph errors follow the shared policy instead.
+DATABASE_RETRY = dict(autoretry_for=(sa.exc.OperationalError, sa.exc.InterfaceError), retry_backoff=5,
+                      retry_backoff_max=60, retry_jitter=False, retry_kwargs={"max_retries": 10})
+
 #: Overlap when re-reading conversations, for Meta's second-precision ``updated_time``.
 CURSOR_OVERLAP = timedelta(seconds=2)
 #: Messages older than the account's addition by more than this are history, never answered.
@@ -1845,7 +1859,7 @@ def _dispatch_messages(message_ids: list[int]) -> None:
 
 
 @app.task(name="instaqueue.process_instagram_message", bind=True, max_retries=settings.max_retries,
-          acks_late=True, reject_on_worker_lost=True)
+          acks_late=True, reject_on_worker_lost=True, **DATABASE_RETRY)
 def process_instagram_message(self: Any, message_id: int) -> str:
     """Answer one inbound DM by the account's rules, exactly once.
 
@@ -2016,7 +2030,7 @@ ALREADY_PUBLISHED_SUBCODE = 2207006
 
 @app.task(name="instaqueue.check_scheduled_posts", ignore_result=True)
 def check_scheduled_posts() -> int:
-    """Queue every post due before the next check, each with an ETA at its own second, and
+    """Queue every post due before the next check, each with an ETA at its own time, and
     send a task again for posts stuck in queued, publishing or unconfirmed."""
     now = utcnow()
     horizon = now + timedelta(seconds=1.5 * settings.scheduled_check_interval)
@@ -2078,7 +2092,7 @@ class _Fail(Exception):
 
 
 @app.task(name="instaqueue.publish_scheduled_post", bind=True, max_retries=settings.max_retries,
-          acks_late=True, reject_on_worker_lost=True)
+          acks_late=True, reject_on_worker_lost=True, **DATABASE_RETRY)
 def publish_scheduled_post(self: Any, post_id: int) -> str:
     """Publish one post exactly once, at its time.
 
@@ -2581,7 +2595,7 @@ ALREADY_REPLIED_PRIVATELY = (10, 2534023)
 
 
 @app.task(name="instaqueue.moderate_comment", bind=True, max_retries=settings.max_retries,
-          acks_late=True, reject_on_worker_lost=True)
+          acks_late=True, reject_on_worker_lost=True, **DATABASE_RETRY)
 def moderate_comment(self: Any, comment_id: int) -> str:
     """Carry out a comment's moderation action once. Hiding twice is harmless; a deleted
     comment counts as deleted; a public reply is first looked for among the comment's
