@@ -474,7 +474,8 @@ class ReplyRule(SQLModel, table=True):
 
 class InboundMessage(SQLModel, table=True):
     __tablename__ = "inbound_message"
-    __table_args__ = (sa.Index("ix_inbound_message_account_status", "account_id", "status"),)
+    __table_args__ = (sa.Index("ix_inbound_message_account_status", "account_id", "status"),
+                      sa.Index("ix_inbound_message_created_time", "created_time"))
 
     id: int | None = Field(default=None, primary_key=True)
     account_id: int = Field(foreign_key="account.id", ondelete="CASCADE")
@@ -628,7 +629,8 @@ class ModerationRule(SQLModel, table=True):
 
 
 class Comment(SQLModel, table=True):
-    __table_args__ = (sa.Index("ix_comment_author_text", "account_id", "from_id", "text_key"),)
+    __table_args__ = (sa.Index("ix_comment_author_text", "account_id", "from_id", "text_key"),
+                      sa.Index("ix_comment_created_time", "created_time"))
 
     id: int | None = Field(default=None, primary_key=True)
     account_id: int = Field(foreign_key="account.id", ondelete="CASCADE")
@@ -2746,10 +2748,10 @@ def generate_daily_analytics(days: list[str] | None = None) -> dict[str, int]:
             wanted.setdefault(day, []).append(account)
     written = incomplete = 0
     for day in sorted(wanted):
-        for row in build_day(day, wanted[day], zone):
-            written += 1
-            incomplete += not row["complete"]
-            save_analytics(row)
+        rows = build_day(day, wanted[day], zone)
+        save_analytics(rows)
+        written += len(rows)
+        incomplete += sum(not row["complete"] for row in rows)
     log.info("daily analytics: %d rows written (%d incomplete) for %d days", written, incomplete, len(wanted))
     return {"rows": written, "incomplete": incomplete, "days": len(wanted)}
 
@@ -2777,6 +2779,7 @@ def build_day(day: date, accounts: Sequence[Account], zone: ZoneInfo) -> list[di
         for account_id, created, replied in db.exec(
                 select(InboundMessage.account_id, InboundMessage.created_time, InboundMessage.replied_at)
                 .where(InboundMessage.account_id.in_(ids), InboundMessage.status == MessageStatus.replied,
+                       InboundMessage.replied_at.is_not(None),
                        InboundMessage.created_time >= start, InboundMessage.created_time < end)).all():
             latencies.setdefault(account_id, []).append(_aware(replied).timestamp() - _aware(created).timestamp())
         for account_id, values in latencies.items():
@@ -2853,13 +2856,16 @@ def read_insights(account: Account, row: dict[str, Any], start: datetime, end: d
     return problems
 
 
-def save_analytics(row: dict[str, Any]) -> None:
-    """Insert the row, or replace the one of the same account and day."""
-    values = DailyAnalytics.model_validate(row).model_dump(exclude={"id"})
+def save_analytics(rows: list[dict[str, Any]]) -> None:
+    """Insert the rows of a day, replacing those of the same account and day, in one
+    transaction (one statement for all of them)."""
+    if not rows:
+        return
+    values = [DailyAnalytics.model_validate(row).model_dump(exclude={"id"}) for row in rows]
     with session() as db:
-        statement = dialect_insert(db, DailyAnalytics).values(**values)
+        statement = dialect_insert(db, DailyAnalytics)
         db.execute(statement.on_conflict_do_update(index_elements=["account_id", "day"],
-                                                   set_={k: statement.excluded[k] for k in values}))
+                                                   set_={k: statement.excluded[k] for k in values[0]}), values)
         db.commit()
 
 
