@@ -1115,6 +1115,16 @@ def next_retry_delay(failures: int, *, policy: Settings | None = None,
                        jitter=policy.retry_jitter, rand=rand)
 
 
+def next_attempt(exc: Exception, failures: int) -> tuple[int, float | None]:
+    """The shared retry policy applied to an error after ``failures`` counted failures: the
+    new count and the delay, or None when the retries are spent. A rate limit waits for the
+    account's back-off (capped, so the ETA stays far below Redis's redelivery) and does not
+    count; anything else counts and follows the schedule."""
+    if isinstance(exc, RateLimited):
+        return failures, min(max(exc.retry_after or settings.rate_limit_backoff, 1.0), settings.retry_cap)
+    return failures + 1, next_retry_delay(failures + 1)
+
+
 #: Longest automatic reply, in bytes (the Send API's limit for a text message).
 MAX_REPLY_BYTES = 1000
 
@@ -1980,11 +1990,7 @@ def retry_message_later(task: Any, message: InboundMessage, token: str, exc: Gra
     """The shared retry policy for a DM: transient errors count toward the limit, rate limits
     wait for the back-off without counting. The claim is released for the retry, which will
     look in the conversation before sending."""
-    failures = message.attempts + (0 if isinstance(exc, RateLimited) else 1)
-    if isinstance(exc, RateLimited):
-        delay: float | None = min(max(exc.retry_after or settings.rate_limit_backoff, 1.0), settings.retry_cap)
-    else:
-        delay = next_retry_delay(failures)
+    failures, delay = next_attempt(exc, message.attempts)
     if delay is None:
         finish_message(message.id, token, status=MessageStatus.failed, attempts=failures,
                        last_error=f"gave up after {failures} attempts: {exc}")
@@ -2333,11 +2339,7 @@ def wait_for_post(task: Any, post: ScheduledPost, token: str, wait: _Wait) -> st
 def retry_post_later(task: Any, post: ScheduledPost, token: str, exc: GraphAPIError, *, unconfirmed: bool) -> str:
     """The shared retry policy for a post. After the retries, a post whose publish call may
     have gone through stays unconfirmed (the sweeper looks again); any other fails."""
-    failures = post.attempts + (0 if isinstance(exc, RateLimited) else 1)
-    if isinstance(exc, RateLimited):
-        delay: float | None = min(max(exc.retry_after or settings.rate_limit_backoff, 1.0), settings.retry_cap)
-    else:
-        delay = next_retry_delay(failures)
+    failures, delay = next_attempt(exc, post.attempts)
     status = PostStatus.unconfirmed if unconfirmed else PostStatus.queued
     if delay is None:
         finish_post(post.id, token, status=PostStatus.unconfirmed if unconfirmed else PostStatus.failed,
@@ -2645,9 +2647,7 @@ def moderate_comment(self: Any, comment_id: int) -> str:
                 if (exc.code, exc.subcode) != ALREADY_REPLIED_PRIVATELY:
                     raise
     except (TransientError, RateLimited) as exc:
-        failures = comment.attempts + (0 if isinstance(exc, RateLimited) else 1)
-        delay = (min(max(exc.retry_after or settings.rate_limit_backoff, 1.0), settings.retry_cap)
-                 if isinstance(exc, RateLimited) else next_retry_delay(failures))
+        failures, delay = next_attempt(exc, comment.attempts)
         if delay is None:
             _finish_comment(comment_id, token, action_status=ActionStatus.failed, attempts=failures,
                             action_error=f"gave up after {failures} attempts: {exc}")

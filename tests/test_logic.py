@@ -308,3 +308,11 @@ def test_the_comment_interval_stays_in_bounds_and_moves_the_right_way(current, f
     assert 300 <= nxt <= 1800
     bounded = min(1800, max(300, current))
     assert (nxt <= bounded) if found else (nxt >= bounded)
+
+
+def test_rate_limits_wait_for_the_back_off_without_counting(monkeypatch):
+    monkeypatch.setattr(instaqueue.settings, "retry_cap", 600)
+    assert instaqueue.next_attempt(instaqueue.RateLimited("x", retry_after=120), 2) == (2, 120)
+    assert instaqueue.next_attempt(instaqueue.RateLimited("x", retry_after=7200), 2) == (2, 600)
+    failures, delay = instaqueue.next_attempt(instaqueue.TransientError("x"), 3)
+    assert failures == 4 and (delay is None) is (instaqueue.settings.max_retries < 4)
