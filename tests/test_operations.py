@@ -88,6 +88,7 @@ def free_port() -> int:
 
 def test_flower_refuses_to_start_without_credentials(db):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INSTAQUEUE_FLOWER", "FLOWER_"))}
+    env["INSTAQUEUE_FLOWER_BASIC_AUTH"] = ""  # empty, so that a developer's .env cannot supply one
     done = cli("flower", env=env)
     assert done.returncode == 2 and "refusing to start Flower without credentials" in done.stderr
     assert done.stderr.count("\n") == 1
