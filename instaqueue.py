@@ -1601,14 +1601,20 @@ def hand_off(account_id: int, conversation_id: str, reason: str) -> None:
 QUEUE_HIGH, QUEUE_DEFAULT, QUEUE_LOW = "high", "default", "low"
 QUEUES = (QUEUE_HIGH, QUEUE_DEFAULT, QUEUE_LOW)
 
+#: Message priorities (Redis serves 0 first). kombu reads priority before queue order, so
+#: each queue's tasks carry their own band: high 0 (DM polls 3, below their replies), default
+#: 6, low 9; with the queues' order this serves replies, polls, default, then low.
+PRIORITY_DEFAULT_QUEUE, PRIORITY_LOW_QUEUE = 6, 9
+
 #: Routes by task name: DMs go first, comments and publishing next, analytics last.
 TASK_ROUTES = {
     "instaqueue.poll_instagram_messages": {"queue": QUEUE_HIGH},
     "instaqueue.poll_account_messages": {"queue": QUEUE_HIGH},
     "instaqueue.process_instagram_message": {"queue": QUEUE_HIGH},
-    "instaqueue.*comment*": {"queue": QUEUE_DEFAULT},
-    "instaqueue.*post*": {"queue": QUEUE_DEFAULT},
-    "instaqueue.*analytics*": {"queue": QUEUE_LOW},
+    "instaqueue.*comment*": {"queue": QUEUE_DEFAULT, "priority": PRIORITY_DEFAULT_QUEUE},
+    "instaqueue.*post*": {"queue": QUEUE_DEFAULT, "priority": PRIORITY_DEFAULT_QUEUE},
+    "instaqueue.*analytics*": {"queue": QUEUE_LOW, "priority": PRIORITY_LOW_QUEUE},
+    "instaqueue.refresh_access_tokens": {"queue": QUEUE_LOW, "priority": PRIORITY_LOW_QUEUE},
 }
 
 
@@ -1718,17 +1724,33 @@ REDISPATCH_BATCH = 100
 
 @app.task(name="instaqueue.poll_instagram_messages", ignore_result=True)
 def poll_instagram_messages() -> int:
-    """Send one DM poll per account that is active, not backing off and not slowed down."""
+    """Send one DM poll per account that is active, not backing off and not slowed down, and
+    has no poll waiting in the queue already. When workers cannot keep up, polls must not
+    pile up, and the same accounts must not always be last: the order is shuffled each tick,
+    and polls go at a lower priority than the replies they produce."""
     now = utcnow()
     with session() as db:
-        account_ids = db.exec(select(Account.id).where(
+        account_ids = list(db.exec(select(Account.id).where(
             Account.state == AccountState.active,
             sa.or_(Account.backoff_until.is_(None), Account.backoff_until <= now),
             sa.or_(Account.dm_next_poll_at.is_(None), Account.dm_next_poll_at <= now),
-        )).all()
+        )).all())
+    random.shuffle(account_ids)
+    client, expiry = get_redis(), dm_poll_expiry()
+    sent = 0
     for account_id in account_ids:
-        poll_account_messages.apply_async((account_id,), expires=dm_poll_expiry())
-    return len(account_ids)
+        if client is not None and not client.set(f"{POLL_QUEUED_KEY}:{account_id}", 1, nx=True,
+                                                 px=int(expiry * 1000)):
+            continue  # its previous poll has not started yet
+        poll_account_messages.apply_async((account_id,), expires=expiry, priority=POLL_PRIORITY)
+        sent += 1
+    return sent
+
+
+#: Redis key (per account) marking a poll sent and not started yet.
+POLL_QUEUED_KEY = "instaqueue:dm-poll-queued"
+#: Message priority of polls within the high queue (0 is served first on Redis; replies have 0).
+POLL_PRIORITY = 3
 
 
 def dm_poll_expiry() -> float:
@@ -1741,6 +1763,9 @@ def poll_account_messages(account_id: int) -> int:
     """Read an account's new inbound DMs, store each once and send it to be answered.
     Polls of one account never overlap; a failed poll is simply followed by the next one."""
     stored = 0
+    client = get_redis()
+    if client is not None:
+        client.delete(f"{POLL_QUEUED_KEY}:{account_id}")
     with try_lock(f"dm-poll:{account_id}", settings.message_lease) as mine:
         if not mine:
             return 0

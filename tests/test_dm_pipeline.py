@@ -250,3 +250,19 @@ def test_the_token_appears_in_no_log_argument_or_result(account, fake_graph, spa
     assert account.access_token not in worker.text() + beat.text()
     [row] = rows()
     assert account.access_token not in (row.last_error or "")
+
+
+def test_polls_go_after_replies_but_before_default_and_low_work(db, spawn):
+    """kombu reads message priority before queue order: each queue's band keeps the order."""
+    low = [instaqueue.noop.apply_async((i,), queue="low", priority=instaqueue.PRIORITY_LOW_QUEUE) for i in range(20)]
+    default = [instaqueue.noop.apply_async((i,), queue="default", priority=instaqueue.PRIORITY_DEFAULT_QUEUE)
+               for i in range(10)]
+    poll = instaqueue.noop.apply_async(("poll",), queue="high", priority=instaqueue.POLL_PRIORITY)
+    reply = instaqueue.noop.apply_async(("reply",), queue="high")
+    spawn("worker", "-c", "1")
+    for r in [poll, reply, *default, *low]:
+        r.get(timeout=60)
+    order = [k for _, k in sorted([(r.date_done, "low") for r in low] + [(r.date_done, "default") for r in default]
+                                  + [(poll.date_done, "poll"), (reply.date_done, "reply")])]
+    assert order[:2] == ["reply", "poll"], order[:5]
+    assert set(order[2:12]) == {"default"}, order
