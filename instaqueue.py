@@ -85,6 +85,9 @@ from sqlalchemy.exc import ArgumentError
 from sqlmodel import Field, Session, SQLModel, select
 
 log = logging.getLogger("instaqueue")
+# httpx logs every request's full URL at INFO; the token refresh call must carry the token in
+# its query string, so those lines stay off (they were also most of a busy worker's log).
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 # Settings ####################################################################################
@@ -159,7 +162,8 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = None
     flower_address: str = "0.0.0.0"
     flower_insecure_local: bool = False
-    #: Redis redelivers a message not acked within this time; every ETA must stay far below it.
+    #: Redis redelivers a message not acked within this time (kombu looks for such messages
+    #: only every ~100 s, or when a worker starts); every ETA must stay far below it.
     visibility_timeout: float = 3600.0
 
     @field_validator("redis_url")
@@ -493,7 +497,8 @@ class InboundMessage(SQLModel, table=True):
     reply_path: str | None = Field(default=None, sa_type=sa.String(10))
     #: Knowledge-base entries the reply was grounded in.
     reply_entry_ids: list[int] = Field(default_factory=list, sa_type=sa.JSON)
-    reply_graph_message_id: str | None = None
+    #: Unique: one reply answers one DM, even when two DMs look for it at once after a crash.
+    reply_graph_message_id: str | None = Field(default=None, sa_type=sa.String(255), unique=True)
     replied_at: datetime | None = _timestamp(default=None)
     #: Transient failures so far; the retry schedule is computed from it.
     attempts: int = 0
@@ -1966,8 +1971,14 @@ def process_instagram_message(self: Any, message_id: int) -> str:
     except GraphAPIError as exc:
         finish_message(message_id, token, status=MessageStatus.failed, last_error=str(exc))
         return MessageStatus.failed
-    finish_message(message_id, token, status=MessageStatus.replied, reply_graph_message_id=sent_id,
-                   replied_at=utcnow(), last_error=None)
+    try:
+        finish_message(message_id, token, status=MessageStatus.replied, reply_graph_message_id=sent_id,
+                       replied_at=utcnow(), last_error=None)
+    except sa.exc.IntegrityError:
+        # Another DM of this person recorded the same reply first (two looked at once after a
+        # crash): that reply is theirs. Look again; this time it is excluded.
+        release_claim(message_id, token)
+        raise self.retry(countdown=1, max_retries=None) from None
     return MessageStatus.replied
 
 

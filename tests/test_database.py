@@ -113,3 +113,15 @@ def test_the_same_helpers_work_on_sqlite(tmp_path):
 
 def test_account_repr_hides_the_token(acc):
     assert "access_token" not in repr(acc) and "T'" not in repr(acc)
+
+
+def test_one_reply_can_answer_only_one_dm(acc):
+    with instaqueue.session() as s:
+        first = insert_once(s, InboundMessage, make_message(acc.id, "m1"))
+        second = insert_once(s, InboundMessage, make_message(acc.id, "m2"))
+        s.commit()
+    token1, _ = instaqueue.claim_message(first, reply_text="r")
+    token2, _ = instaqueue.claim_message(second, reply_text="r")
+    instaqueue.finish_message(first, token1, status=MessageStatus.replied, reply_graph_message_id="reply-1")
+    with pytest.raises(sa.exc.IntegrityError):
+        instaqueue.finish_message(second, token2, status=MessageStatus.replied, reply_graph_message_id="reply-1")
