@@ -963,6 +963,8 @@ class GraphClient:
             raise TransientError(f"Graph API timed out ({type(exc).__name__}) on {method} {path}") from None
         except httpx.TransportError as exc:
             raise TransientError(f"Graph API unreachable ({type(exc).__name__}) on {method} {path}") from None
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError) as exc:
+            raise BadRequest(f"not a usable Graph path ({type(exc).__name__}): {path[:80]!r}") from None
         usage = parse_usage(response.headers)
         try:
             body = response.json()
@@ -1188,34 +1190,56 @@ class ParsedMessage:
     created_time: datetime
 
 
-def parse_graph_time(value: Any) -> datetime:
-    """Meta's ``2026-11-24T09:00:00+0000`` (and ISO 8601 generally) as an aware datetime."""
+#: A Graph time further ahead of our clock than this is refused: stored as a cursor it
+#: would hide every later message.
+MAX_FUTURE_SKEW = timedelta(hours=1)
+
+
+def parse_graph_time(value: Any, *, not_after: datetime | None = None) -> datetime:
+    """Meta's ``2026-11-24T09:00:00+0000`` (and ISO 8601 generally) as an aware UTC datetime;
+    with ``not_after``, a time later than that is malformed too."""
     if not isinstance(value, str):
         raise MalformedPayload(f"time is not a string: {type(value).__name__}")
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise MalformedPayload(f"unparsable time {value[:40]!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        parsed = (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        raise MalformedPayload(f"unparsable time {clean_text(value)[:40]!r}") from None
+    if not_after is not None and parsed > not_after:
+        raise MalformedPayload(f"time {value[:40]!r} lies in the future")
+    return parsed
+
+
+def clean_text(value: str) -> str:
+    """Text safe to store: no NUL characters, no lone surrogates (PostgreSQL refuses both)."""
+    return value.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
+def graph_id(value: Any, what: str, *, limit: int = 255) -> str:
+    """A Graph object id fit to store and to put in a URL, or :class:`MalformedPayload`."""
+    if not isinstance(value, str) or not value:
+        raise MalformedPayload(f"{what} without an id")
+    if len(value) > limit or not value.isprintable() or any(c in value for c in "/?#% "):
+        raise MalformedPayload(f"{what} with an unusable id {clean_text(value)[:40]!r}")
+    return value
 
 
 def parse_message(raw: Any, conversation_id: str) -> ParsedMessage:
     """One message object of a conversation, or :class:`MalformedPayload`."""
     if not isinstance(raw, dict):
         raise MalformedPayload(f"message is a {type(raw).__name__}, not an object")
-    message_id = raw.get("id")
-    if not isinstance(message_id, str) or not message_id:
-        raise MalformedPayload("message without an id")
+    message_id = graph_id(raw.get("id"), "message")
     sender = raw.get("from")
-    if not isinstance(sender, dict) or not isinstance(sender.get("id"), str) or not sender["id"]:
+    if not isinstance(sender, dict):
         raise MalformedPayload(f"message {message_id[:40]} without a sender id")
+    sender_id = graph_id(sender.get("id"), f"sender of message {message_id[:40]}", limit=64)
     text = raw.get("message", "")
     if not isinstance(text, str):
         raise MalformedPayload(f"message {message_id[:40]} text is a {type(text).__name__}")
     username = sender.get("username")
-    return ParsedMessage(message_id, conversation_id, sender["id"],
-                         username if isinstance(username, str) else None, text,
-                         parse_graph_time(raw.get("created_time")))
+    return ParsedMessage(message_id, conversation_id, sender_id,
+                         clean_text(username)[:255] if isinstance(username, str) else None, clean_text(text),
+                         parse_graph_time(raw.get("created_time"), not_after=utcnow() + MAX_FUTURE_SKEW))
 
 
 @dataclass
@@ -1241,9 +1265,10 @@ def parse_conversation_page(payload: Any, *, account_ig_id: str, since: datetime
         return page
     for raw in data:
         try:
-            if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
-                raise MalformedPayload("conversation without an id")
-            updated = parse_graph_time(raw.get("updated_time"))
+            if not isinstance(raw, dict):
+                raise MalformedPayload("conversation is not an object")
+            graph_id(raw.get("id"), "conversation")
+            updated = parse_graph_time(raw.get("updated_time"), not_after=utcnow() + MAX_FUTURE_SKEW)
         except MalformedPayload as exc:
             page.problems.append(str(exc))
             continue
@@ -1838,8 +1863,12 @@ def fetch_messages_one_by_one(account: Account, conversation_ids: list[str]) -> 
             log.warning("account %s: skipped conversation %s: %s", account.id, conversation_id[:40], exc)
             continue
         items = payload["messages"].get("data") if isinstance(payload.get("messages"), dict) else None
-        ids = [i["id"] for i in items if isinstance(i, dict) and isinstance(i.get("id"), str) and i["id"]] \
-            if isinstance(items, list) else []
+        ids = []
+        for item in items if isinstance(items, list) else []:
+            try:
+                ids.append(graph_id(item.get("id") if isinstance(item, dict) else None, "message"))
+            except MalformedPayload as exc:
+                log.warning("account %s: skipped a malformed Graph message: %s", account.id, exc)
         with session() as db:
             known = set(db.exec(select(InboundMessage.graph_message_id)
                                 .where(InboundMessage.graph_message_id.in_(ids))).all()) if ids else set()
@@ -1899,8 +1928,22 @@ def take_stale_messages(account_id: int) -> list[int]:
 
 
 def _dispatch_messages(message_ids: list[int]) -> None:
+    """Send a task per stored DM. Ones the broker refused are marked due at once, so the next
+    poll's sweep sends them again instead of waiting for the stale period."""
+    failed = []
     for message_id in message_ids:
-        process_instagram_message.delay(message_id)
+        try:
+            process_instagram_message.delay(message_id)
+        except Exception as exc:  # the broker is away; the rows are safe in the database
+            failed.append(message_id)
+            last = exc
+    if failed:
+        log.warning("%d stored DMs could not be queued (%s); the next poll sends them", len(failed),
+                    type(last).__name__)
+        with session() as db:
+            update_where(db, InboundMessage, [InboundMessage.id.in_(failed)],
+                         next_attempt_at=utcnow() - timedelta(seconds=settings.stale_after + 1))
+            db.commit()
 
 
 @app.task(name="instaqueue.process_instagram_message", bind=True, max_retries=settings.max_retries,
@@ -2508,8 +2551,7 @@ def read_new_comments(account: Account, watched: MonitoredPost, rules: list[Mode
     complete = False
     for _ in range(MAX_COMMENT_PAGES):
         page = graph_call(account, "GET", f"{watched.media_id}/comments", params=params)
-        items = [i for i in page.get("data") if isinstance(i, dict) and isinstance(i.get("id"), str)] \
-            if isinstance(page.get("data"), list) else []
+        items = _usable_comments(page.get("data"), watched.id)
         flat: list[dict[str, Any]] = []
         for item in items:
             flat.append(item)
@@ -2532,18 +2574,30 @@ def read_new_comments(account: Account, watched: MonitoredPost, rules: list[Mode
 def read_replies(account: Account, comment: dict[str, Any]) -> list[dict[str, Any]]:
     """A comment's replies: those embedded in the page, then their further pages."""
     embedded = comment.get("replies") if isinstance(comment.get("replies"), dict) else {}
-    replies = [r for r in embedded.get("data") or [] if isinstance(r, dict) and isinstance(r.get("id"), str)] \
-        if isinstance(embedded.get("data"), list) else []
+    replies = _usable_comments(embedded.get("data"), None)
     after = _next_cursor(embedded)
     for _ in range(MAX_COMMENT_PAGES):
         if after is None:
             break
         page = graph_call(account, "GET", f"{comment['id']}/replies",
                           params={"fields": COMMENT_FIELDS, "limit": COMMENTS_PAGE_SIZE, "after": after})
-        data = page.get("data") if isinstance(page.get("data"), list) else []
-        replies += [r for r in data if isinstance(r, dict) and isinstance(r.get("id"), str)]
+        replies += _usable_comments(page.get("data"), None)
         after = _next_cursor(page)
     return replies
+
+
+def _usable_comments(data: Any, watched_id: int | None) -> list[dict[str, Any]]:
+    """The comment objects of a page whose id can be stored and used in a URL; the rest are
+    logged and skipped."""
+    usable = []
+    for item in data if isinstance(data, list) else []:
+        try:
+            graph_id(item.get("id") if isinstance(item, dict) else None, "comment", limit=64)
+        except MalformedPayload as exc:
+            log.warning("watched post %s: skipped a malformed comment: %s", watched_id, exc)
+            continue
+        usable.append(item)
+    return usable
 
 
 def take_stale_comments(post_id: int) -> list[int]:
@@ -2620,17 +2674,19 @@ def store_comments(account: Account, watched: MonitoredPost, items: list[dict[st
 
 
 def _parse_comment(item: dict[str, Any]) -> dict[str, Any]:
+    comment_id = graph_id(item.get("id"), "comment", limit=64)
     text = item.get("text", "")
     if not isinstance(text, str):
         raise MalformedPayload(f"text is a {type(text).__name__}")
+    text = clean_text(text)
     sender = item.get("from") if isinstance(item.get("from"), dict) else {}
     username = item.get("username") if isinstance(item.get("username"), str) else sender.get("username")
-    parent = item.get("parent_id")
-    return dict(graph_comment_id=item["id"], text=text, text_key=normalize_text(text)[:255],
-                username=username if isinstance(username, str) else None,
-                from_id=sender.get("id") if isinstance(sender.get("id"), str) else None,
-                parent_id=parent if isinstance(parent, str) else None,
-                created_time=parse_graph_time(item.get("timestamp")))
+    from_id, parent = sender.get("id"), item.get("parent_id")
+    return dict(graph_comment_id=comment_id, text=text, text_key=normalize_text(text)[:255],
+                username=clean_text(username)[:255] if isinstance(username, str) else None,
+                from_id=graph_id(from_id, "comment author", limit=64) if from_id is not None else None,
+                parent_id=graph_id(parent, "parent comment", limit=64) if parent is not None else None,
+                created_time=parse_graph_time(item.get("timestamp"), not_after=utcnow() + MAX_FUTURE_SKEW))
 
 
 #: Graph's answer for a private reply to a comment that already has one.
@@ -3004,16 +3060,27 @@ class SingleBeatScheduler(PersistentScheduler):
         super().__init__(*args, **kwargs)
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
-        if not self._lock.hold():
+        try:
+            leading = self._lock.hold()
+        except Exception as exc:  # Redis is away: send nothing, keep trying, never exit
+            if self._leading is not False:
+                log.error("beat lock unreachable (%s); sending nothing until Redis answers", type(exc).__name__)
+            self._leading = False
+            return BEAT_STANDBY_RETRY
+        if not leading:
             if self._leading is not False:
                 log.warning("another beat is active; this one stands by")
             self._leading = False
             return BEAT_STANDBY_RETRY
-        if not self._leading:
+        try:
+            if not self._leading:
+                log.warning("this beat is now the active one")
+                check_scheduled_posts.apply_async()
             self._leading = True
-            log.warning("this beat is now the active one")
-            check_scheduled_posts.apply_async()
-        record_beat_heartbeat()
+            record_beat_heartbeat()
+        except Exception as exc:  # the broker went away between the lock and the send
+            log.error("beat could not reach the broker (%s); trying again", type(exc).__name__)
+            return BEAT_STANDBY_RETRY
         return min(super().tick(*args, **kwargs), BEAT_LOCK_TTL / 4)
 
 
@@ -3034,7 +3101,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line, not a usage block."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+        one_line = " ".join(message.split())[:300]
+        self.exit(2, f"{self.prog}: {one_line} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -3155,7 +3223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in _CELERY_COMMANDS:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(extra)[:200]!r}")
     args.celery_args = extra
     try:
         return _COMMANDS[args.command](args) or 0
@@ -3678,13 +3746,17 @@ def _moment(value: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=settings.zone)
 
 
+#: Ids and counts on the command line fit the database's integer column.
+MAX_CLI_INT = 2**31 - 1
+
+
 def _positive_int(value: str) -> int:
     try:
         number = int(value)
     except ValueError:
         number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value[:40]!r}")
+    if not 1 <= number <= MAX_CLI_INT:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_CLI_INT}, got {value[:40]!r}")
     return number
 
 
