@@ -316,3 +316,15 @@ def test_rate_limits_wait_for_the_back_off_without_counting(monkeypatch):
     assert instaqueue.next_attempt(instaqueue.RateLimited("x", retry_after=7200), 2) == (2, 600)
     failures, delay = instaqueue.next_attempt(instaqueue.TransientError("x"), 3)
     assert failures == 4 and (delay is None) is (instaqueue.settings.max_retries < 4)
+
+
+def test_graph_ids_and_text_are_made_safe_to_store():
+    assert instaqueue.graph_id("aWdf_123", "message") == "aWdf_123"
+    for bad in ("", None, 5, "a/b", "a b", "x\x00", "x" * 256, "a?b"):
+        with pytest.raises(instaqueue.MalformedPayload):
+            instaqueue.graph_id(bad, "message")
+    assert instaqueue.clean_text("a\x00b\ud800c") == "ab?c"
+    with pytest.raises(instaqueue.MalformedPayload, match="future"):
+        instaqueue.parse_graph_time("2999-01-01T00:00:00+0000", not_after=datetime.now(timezone.utc))
+    with pytest.raises(instaqueue.MalformedPayload):
+        instaqueue.parse_graph_time("9999-12-31T23:59:59-14:00")

@@ -109,3 +109,24 @@ def test_a_page_that_is_not_a_page_is_survived(account, fake_graph, body):
     fake_graph.add_dm(account.ig_user_id, "900", "price?")
     read_new_messages(fresh_account(), on_stored=lambda ids: None)
     assert len(stored_ids()) == 1
+
+
+def test_nul_surrogates_bad_ids_and_future_times_never_block_the_poll(account, fake_graph):
+    when = instaqueue.utcnow().strftime("%Y-%m-%dT%H:%M:%S+0000")
+    future = (instaqueue.utcnow() + timedelta(days=3650)).strftime("%Y-%m-%dT%H:%M:%S+0000")
+    message = lambda mid, text, t=when: {"id": mid, "created_time": t, "from": {"id": "900"},  # noqa: E731
+                                         "message": text}
+    fake_graph.respond({"data": [
+        {"id": "c-future", "updated_time": future, "messages": {"data": [message("m-future", "hi")]}},
+        {"id": "c1", "updated_time": when, "messages": {"data": [
+            message("m-nul", "price\x00?"), message("m-surrogate", "hi \ud800 there"), message("bad\x1fid", "x"),
+            message("x" * 300, "long id"), message("m-late", "x", future), message("m-ok", "price?")]}},
+        {"id": "c\x00bad", "updated_time": when}]}, path_contains="/conversations")
+    read_new_messages(fresh_account(), on_stored=lambda ids: None)
+    with instaqueue.session() as db:
+        rows = {r.graph_message_id: r.text for r in db.exec(select(InboundMessage)).all()}
+    assert rows == {"m-nul": "price?", "m-surrogate": "hi ? there", "m-ok": "price?"}
+    assert fresh_account().dm_cursor < instaqueue.utcnow() + timedelta(minutes=1)  # not poisoned
+    fake_graph.add_dm(account.ig_user_id, "901", "still read afterwards")
+    read_new_messages(fresh_account(), on_stored=lambda ids: None)
+    assert len(stored_ids()) == 4  # the account's polling goes on
