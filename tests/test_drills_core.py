@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # Registered marker only (--strict-markers): the drills are integration tests.
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.drill]
 
 #: Seconds a quick drill may take at most before the test gives up on it.
 DRILL_TIMEOUT = 300

@@ -16,7 +16,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.drill]
 
 DRILLS = ["redis_restart", "postgres_restart", "graph_errors", "rate_limit_storm", "bad_input"]
 TIMEOUT = 420  # seconds per drill; the quick runs take well under two minutes each
