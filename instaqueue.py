@@ -1680,10 +1680,10 @@ def broker_config(config: Settings) -> dict[str, Any]:
 
 def ensure_data_dirs(config: Settings) -> None:
     """Create the embedded broker's folders (producer and consumer must share them)."""
+    options = broker_config(config)["broker_transport_options"]
     for key in ("data_folder_in", "control_folder"):
-        folder = broker_config(config)["broker_transport_options"].get(key)
-        if folder:
-            Path(folder).mkdir(parents=True, exist_ok=True)
+        if options.get(key):
+            Path(options[key]).mkdir(parents=True, exist_ok=True)
 
 
 app = Celery("instaqueue")
